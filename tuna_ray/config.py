@@ -1,0 +1,128 @@
+"""Typed configuration: one pydantic model per stage, composed into the pipeline config.
+
+A YAML file plus dotted ``key=value`` overrides (``train.learning_rate=2e-5``) is merged with
+OmegaConf and validated here; unknown keys are errors, so a typo never silently falls back to a
+default. Defaults are the paper's (METHOD.md) unless a field says otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """The model to train: a hub id, a local folder, or ``builtin:<name>`` (see tuna_ray.models)."""
+
+    name_or_path: str
+    # "alpaca": the paper's prompt template; "chat": the tokenizer's chat template.
+    template: Literal["alpaca", "chat"] = "alpaca"
+    system_prompt: str | None = None
+    trust_remote_code: bool = False
+
+
+class DataConfig(_Strict):
+    """Where ranked (or SFT) records come from; see tuna_ray.data.readers for the formats."""
+
+    path: str
+    format: Literal["auto", "json", "jsonl", "parquet", "hf", "reference"] = "auto"
+    # "raise": stop at the first bad record (file, line, field named); "skip": count and go on.
+    on_error: Literal["raise", "skip"] = "raise"
+    limit: int | None = Field(default=None, ge=1, description="use only the first N records")
+
+
+class OptimConfig(_Strict):
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 2
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+
+
+class TrainConfig(_Strict):
+    """The finetuning stage: Tuna loss (ranked candidates) or SFT (one answer, MLE only)."""
+
+    mode: Literal["tuna", "sft"] = "tuna"
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, description="stop early (smoke runs)")
+    # Instructions per worker per micro-step; every instruction brings its N candidates.
+    micro_batch_size: int = Field(default=16, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    max_length: int = Field(default=512, ge=8)
+    margin: float = Field(default=0.1, ge=0.0)
+    mle_weight: float = Field(default=1.0, ge=0.0)
+    mle_target: Literal["all", "best"] = "all"
+    max_candidates: int | None = Field(default=None, ge=1, description="keep the best K")
+    optim: OptimConfig = OptimConfig()
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # "auto": bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    log_every: int = Field(default=1, ge=1)
+    checkpoint_every: int = Field(default=200, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    export: bool = True
+    # Testing hook: the worker of this rank exits hard at this step, on the first attempt only.
+    fail_at_step: int | None = None
+    fail_rank: int = 0
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    max_failures: int = Field(default=2, ge=0)
+
+
+class RunConfig(_Strict):
+    """Where a run lives: ``storage_path/name`` (a local path or a pyarrow URI: s3://, gs://)."""
+
+    name: str = "tuna-run"
+    storage_path: str = "./runs"
+    # Ray address; None starts (or joins, inside `ray job submit`) a local Ray.
+    ray_address: str | None = None
+
+
+class TrainJobConfig(_Strict):
+    """Everything ``tuna-ray train`` needs."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _absolute_local_storage(self) -> TrainJobConfig:
+        # Ray Train requires an absolute local storage path; resolve it against the cwd once.
+        if "://" not in self.run.storage_path:
+            self.run.storage_path = str(Path(self.run.storage_path).expanduser().resolve())
+        return self
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, model=TrainJobConfig):
+    """Load YAML ``path``, apply dotted ``key=value`` overrides, validate into ``model``."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.load(path) if path else OmegaConf.create({})
+    merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides or [])))
+    return model.model_validate(OmegaConf.to_container(merged, resolve=True))
+
+
+def config_hash(config: BaseModel) -> str:
+    """A stable short hash of a config, for manifests and cache keys."""
+    blob = json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
