@@ -78,7 +78,11 @@ def tiny_llama(
     seed: int = 0,
 ) -> Path:
     """Build (or reuse) a random-weight llama with SmolLM2's tokenizer, for fast tests."""
-    out = Path(out_dir) if out_dir else cache_root() / "models" / f"tiny-llama-h{hidden_size}-l{num_layers}-s{seed}"
+    out = (
+        Path(out_dir)
+        if out_dir
+        else cache_root() / "models" / f"tiny-llama-h{hidden_size}-l{num_layers}-s{seed}"
+    )
     if (out / "config.json").exists():
         return out
     import torch
@@ -117,7 +121,7 @@ def resolve_model(name_or_path: str) -> str:
     """Map ``builtin:<name>`` to a local folder; pass hub ids and paths through unchanged."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
-    name = name_or_path[len(BUILTIN_PREFIX):]
+    name = name_or_path[len(BUILTIN_PREFIX) :]
     if name not in BUILTIN_MODELS:
         raise ValueError(f"unknown builtin model {name!r}; known: {sorted(BUILTIN_MODELS)}")
     return str(BUILTIN_MODELS[name]())

@@ -60,11 +60,15 @@ def list_files(uri: str) -> list[str]:
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return []
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
-    return sorted(join(uri, posixpath.basename(i.path)) for i in infos if i.type == pafs.FileType.File)
+    return sorted(
+        join(uri, posixpath.basename(i.path)) for i in infos if i.type == pafs.FileType.File
+    )
 
 
 def upload_dir(local_dir: str | Path, uri: str) -> None:
     """Copy a local folder to ``uri`` (replacing files of the same name)."""
     fs, path = _split(uri)
     fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    pafs.copy_files(
+        str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )

@@ -45,7 +45,9 @@ class RankingBatch:
         return int(self.attention_mask.sum())
 
 
-def collate_ranked(rows: list[dict], pad_id: int, max_candidates: int | None = None) -> RankingBatch:
+def collate_ranked(
+    rows: list[dict], pad_id: int, max_candidates: int | None = None
+) -> RankingBatch:
     """Stack the candidates of ``rows`` (each ``input_ids``: list of id lists, ``prompt_len``)."""
     seqs, prompt_lens, cand_row, cand_col = [], [], [], []
     for b, row in enumerate(rows):

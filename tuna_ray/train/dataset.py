@@ -25,8 +25,14 @@ from tuna_ray.data.templates import render_prompt, response_separator
 class TokenizeRanked:
     """Ray Data UDF. Expects: id, instruction, input, prompt, responses. Returns: see module."""
 
-    def __init__(self, model_path: str, template: str, system_prompt: str | None, max_length: int,
-                 max_candidates: int | None):
+    def __init__(
+        self,
+        model_path: str,
+        template: str,
+        system_prompt: str | None,
+        max_length: int,
+        max_candidates: int | None,
+    ):
         from transformers import AutoTokenizer
 
         from tuna_ray.models import resolve_model
@@ -40,19 +46,36 @@ class TokenizeRanked:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from tuna_ray.train.features import tokenize_candidates
 
-        out: dict[str, list] = {k: [] for k in (
-            "id", "sample_index", "input_ids", "prompt_len", "num_candidates", "num_truncated",
-            "num_dropped")}
+        out: dict[str, list] = {
+            k: []
+            for k in (
+                "id",
+                "sample_index",
+                "input_ids",
+                "prompt_len",
+                "num_candidates",
+                "num_truncated",
+                "num_dropped",
+            )
+        }
         for i in range(len(batch["id"])):
             instruction = batch["instruction"][i]
             if instruction:  # render with our template; imported records carry a rendered prompt
-                prompt = render_prompt(instruction, batch["input"][i] or "", template=self.template,
-                                       tokenizer=self.tokenizer, system=self.system_prompt)
+                prompt = render_prompt(
+                    instruction,
+                    batch["input"][i] or "",
+                    template=self.template,
+                    tokenizer=self.tokenizer,
+                    system=self.system_prompt,
+                )
             else:
                 prompt = batch["prompt"][i]
             responses = list(batch["responses"][i])[: self.max_candidates]
             ex = tokenize_candidates(
-                prompt, responses, self.tokenizer, max_length=self.max_length,
+                prompt,
+                responses,
+                self.tokenizer,
+                max_length=self.max_length,
                 separator=response_separator(self.template),
                 add_special_tokens=self.template == "alpaca",
             )
@@ -88,37 +111,60 @@ def global_order(num_records: int, epochs: int, seed: int) -> list[int]:
     return order
 
 
-def build_training_dataset(records: list[dict], *, model_path: str, template: str,
-                           system_prompt: str | None, max_length: int, epochs: int, seed: int,
-                           min_candidates: int, max_candidates: int | None = None,
-                           num_tokenize_actors: int = 1):
+def build_training_dataset(
+    records: list[dict],
+    *,
+    model_path: str,
+    template: str,
+    system_prompt: str | None,
+    max_length: int,
+    epochs: int,
+    seed: int,
+    min_candidates: int,
+    max_candidates: int | None = None,
+    num_tokenize_actors: int = 1,
+):
     """Tokenise ``records`` in Ray Data; return ``(materialised dataset, DatasetStats)``."""
     import ray.data
 
     items = []
     for sample_index, rec_index in enumerate(global_order(len(records), epochs, seed)):
         rec = records[rec_index]
-        items.append({
-            "id": rec["id"], "sample_index": sample_index,
-            "instruction": rec.get("instruction") or "", "input": rec.get("input") or "",
-            "prompt": rec.get("prompt") or "", "responses": list(rec["responses"]),
-        })
+        items.append(
+            {
+                "id": rec["id"],
+                "sample_index": sample_index,
+                "instruction": rec.get("instruction") or "",
+                "input": rec.get("input") or "",
+                "prompt": rec.get("prompt") or "",
+                "responses": list(rec["responses"]),
+            }
+        )
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    tokenized = ray.data.from_items(items).map_batches(
-        TokenizeRanked,
-        fn_constructor_kwargs=dict(model_path=model_path, template=template,
-                                   system_prompt=system_prompt, max_length=max_length,
-                                   max_candidates=max_candidates),
-        batch_size=64,
-        compute=ray.data.ActorPoolStrategy(size=num_tokenize_actors),
-    ).materialize()
+    tokenized = (
+        ray.data.from_items(items)
+        .map_batches(
+            TokenizeRanked,
+            fn_constructor_kwargs={
+                "model_path": model_path,
+                "template": template,
+                "system_prompt": system_prompt,
+                "max_length": max_length,
+                "max_candidates": max_candidates,
+            },
+            batch_size=64,
+            compute=ray.data.ActorPoolStrategy(size=num_tokenize_actors),
+        )
+        .materialize()
+    )
     counts = tokenized.select_columns(
-        ["num_candidates", "num_truncated", "num_dropped"]).to_pandas()
-    kept = tokenized.filter(
-        expr=f"num_candidates >= {min_candidates}").materialize()
+        ["num_candidates", "num_truncated", "num_dropped"]
+    ).to_pandas()
+    kept = tokenized.filter(expr=f"num_candidates >= {min_candidates}").materialize()
     stats = DatasetStats(
-        records=len(records), samples=len(items),
+        records=len(records),
+        samples=len(items),
         excluded_too_few_candidates=int((counts["num_candidates"] < min_candidates).sum()),
         truncated_candidates=int(counts["num_truncated"].sum()),
         dropped_candidates=int(counts["num_dropped"].sum()),

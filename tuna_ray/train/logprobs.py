@@ -35,13 +35,17 @@ def candidate_logprobs(model, batch: RankingBatch) -> tuple[torch.Tensor, torch.
         selected = hidden[:, :-1][predict_mask]  # [R, H]: only positions that predict responses
         logits = model.get_output_embeddings()(selected).float()  # [R, V]
     else:
-        logits = model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).logits[:, :-1][predict_mask].float()
+        logits = (
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            .logits[:, :-1][predict_mask]
+            .float()
+        )
     token_logprob = -F.cross_entropy(logits, targets[predict_mask], reduction="none")  # [R]
     seq_index = torch.arange(batch.num_sequences, device=token_logprob.device)
     seq_of_token = seq_index[:, None].expand_as(predict_mask)[predict_mask]
-    per_seq = torch.zeros(batch.num_sequences, dtype=token_logprob.dtype, device=token_logprob.device)
+    per_seq = torch.zeros(
+        batch.num_sequences, dtype=token_logprob.dtype, device=token_logprob.device
+    )
     per_seq = per_seq.index_add(0, seq_of_token, token_logprob)
     return _to_grid(per_seq, batch), batch.num_tokens.to(per_seq.device)
 

@@ -26,8 +26,16 @@ from tuna_ray.config import TrainJobConfig
 CKPT_TAG = "ckpt"
 
 
-def step_slices(rows: Iterator[dict], *, rank: int, world: int, micro_batch: int, grad_accum: int,
-                start_step: int, total_steps: int) -> Iterator[tuple[int, list[list[dict]]]]:
+def step_slices(
+    rows: Iterator[dict],
+    *,
+    rank: int,
+    world: int,
+    micro_batch: int,
+    grad_accum: int,
+    start_step: int,
+    total_steps: int,
+) -> Iterator[tuple[int, list[list[dict]]]]:
     """Yield ``(step, micro_batches)`` of this rank from the globally ordered row stream.
 
     Global batch G = micro_batch * grad_accum * world. Position q of a row inside its step goes
@@ -68,7 +76,7 @@ def _all_reduce_sum(values: list[float] | torch.Tensor) -> torch.Tensor:
 def _build_optimizer(model, cfg: TrainJobConfig):
     o = cfg.train.optim
     params = [p for p in model.parameters() if p.requires_grad]
-    kwargs = dict(lr=o.learning_rate, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    kwargs = {"lr": o.learning_rate, "betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay}
     if cfg.train.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -86,7 +94,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from tuna_ray.train.collate import collate_ranked
     from tuna_ray.train.deepspeed_config import build_deepspeed_config, resolve_precision
     from tuna_ray.train.logprobs import candidate_logprobs
-    from tuna_ray.train.loss import LossNormaliser, length_normalised_scores, pairwise_accuracy, tuna_loss
+    from tuna_ray.train.loss import (
+        LossNormaliser,
+        length_normalised_scores,
+        pairwise_accuracy,
+        tuna_loss,
+    )
 
     cfg = TrainJobConfig.model_validate(loop_config["job"])
     tc = cfg.train
@@ -100,26 +113,37 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # --- model, optimizer, schedule, engine -------------------------------------------------
     on_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
     precision = resolve_precision(
-        tc, on_gpu=on_gpu, bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
+        tc, on_gpu=on_gpu, bf16_supported=on_gpu and torch.cuda.is_bf16_supported()
+    )
     ds_config = build_deepspeed_config(tc, precision=precision)
     # ZeRO-3 must partition weights while they load: HfDeepSpeedConfig has to exist (and stay
     # referenced) before from_pretrained.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if tc.zero_stage == 3 else None  # noqa: F841
     model_path = resolve_model(cfg.model.name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path, trust_remote_code=cfg.model.trust_remote_code
+    )
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+        model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+    )
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     optimizer = _build_optimizer(model, cfg)
-    scheduler = get_scheduler(tc.optim.schedule, optimizer,
-                              num_warmup_steps=tc.optim.warmup_steps, num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        tc.optim.schedule,
+        optimizer,
+        num_warmup_steps=tc.optim.warmup_steps,
+        num_training_steps=total_steps,
+    )
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
     device = engine.device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
 
     # --- resume -----------------------------------------------------------------------------
     start_step = 0
@@ -139,8 +163,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine.train()
     t_last = time.perf_counter()
     for step, micro_batches in step_slices(
-        _iter_rows(shard), rank=rank, world=world, micro_batch=tc.micro_batch_size,
-        grad_accum=tc.gradient_accumulation_steps, start_step=start_step, total_steps=total_steps,
+        _iter_rows(shard),
+        rank=rank,
+        world=world,
+        micro_batch=tc.micro_batch_size,
+        grad_accum=tc.gradient_accumulation_steps,
+        start_step=start_step,
+        total_steps=total_steps,
     ):
         batches = [collate_ranked(mb, pad_id, n_max) for mb in micro_batches]
         # Global denominators so that the step's loss does not depend on how the global batch is
@@ -148,32 +177,56 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         local = LossNormaliser.sum(
             LossNormaliser.from_batch(b.mask, b.num_tokens, tc.mle_target) for b in batches
         ).padded(n_max - 1)
-        reduced = _all_reduce_sum(torch.cat([local.pairs_per_gap.double(), local.mle_tokens.double()[None]]))
+        reduced = _all_reduce_sum(
+            torch.cat([local.pairs_per_gap.double(), local.mle_tokens.double()[None]])
+        )
         normaliser = LossNormaliser(reduced[:-1].to(device), reduced[-1].to(device))
         sums = torch.zeros(6, dtype=torch.float64)  # total, ranking, mle, right, pairs, tokens
         for b in batches:
             b = _to_device(b, device)
             logprob_sum, num_tokens = candidate_logprobs(engine.module, b)
-            parts = tuna_loss(logprob_sum, num_tokens, b.mask, margin=tc.margin,
-                              mle_weight=tc.mle_weight, mle_target=tc.mle_target,
-                              normaliser=normaliser)
+            parts = tuna_loss(
+                logprob_sum,
+                num_tokens,
+                b.mask,
+                margin=tc.margin,
+                mle_weight=tc.mle_weight,
+                mle_target=tc.mle_target,
+                normaliser=normaliser,
+            )
             # DeepSpeed averages gradients over ranks; the loss is already a global-batch sum.
             engine.backward(parts.total * world, scale_wrt_gas=False)
-            right, pairs = pairwise_accuracy(length_normalised_scores(logprob_sum, num_tokens).detach(), b.mask)
-            sums += torch.tensor([parts.total.item(), parts.ranking.item(), parts.mle.item(),
-                                  right.item(), pairs.item(), b.num_real_tokens], dtype=torch.float64)
+            right, pairs = pairwise_accuracy(
+                length_normalised_scores(logprob_sum, num_tokens).detach(), b.mask
+            )
+            sums += torch.tensor(
+                [
+                    parts.total.item(),
+                    parts.ranking.item(),
+                    parts.mle.item(),
+                    right.item(),
+                    pairs.item(),
+                    b.num_real_tokens,
+                ],
+                dtype=torch.float64,
+            )
             engine.step()
         for mb in micro_batches:
             segment.setdefault(step + 1, []).extend(row["id"] for row in mb)
         sums = _all_reduce_sum(sums)
         now = time.perf_counter()
         metrics = {
-            "step": step + 1, "total_steps": total_steps, "loss": sums[0].item(),
-            "ranking_loss": sums[1].item(), "mle_loss": sums[2].item(),
+            "step": step + 1,
+            "total_steps": total_steps,
+            "loss": sums[0].item(),
+            "ranking_loss": sums[1].item(),
+            "mle_loss": sums[2].item(),
             "ranking_accuracy": (sums[3] / sums[4]).item() if sums[4] > 0 else float("nan"),
-            "lr": scheduler.get_last_lr()[0], "grad_norm": _grad_norm(engine),
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": _grad_norm(engine),
             "tokens_per_s": sums[5].item() / max(now - t_last, 1e-9),
-            "samples_seen": (step + 1) * global_batch, "epoch": (step + 1) * global_batch / loop_config["samples_per_epoch"],
+            "samples_seen": (step + 1) * global_batch,
+            "epoch": (step + 1) * global_batch / loop_config["samples_per_epoch"],
         }
         t_last = now
         history.append(metrics)
@@ -208,14 +261,20 @@ def _save_checkpoint(engine, metrics, run_dir, rank, attempt, resumed_from, segm
     first = min(segment) if segment else step
     storage.write_json(
         storage.join(run_dir, "consumed", f"rank{rank}-steps{first:07d}-{step:07d}.json"),
-        {"attempt": attempt, "resumed_from_step": resumed_from, "steps": segment})
+        {"attempt": attempt, "resumed_from_step": resumed_from, "steps": segment},
+    )
     if rank == 0:
-        storage.write_text(storage.join(run_dir, "metrics", f"steps{first:07d}-{step:07d}.jsonl"),
-                           "".join(json.dumps(m) + "\n" for m in history))
+        storage.write_text(
+            storage.join(run_dir, "metrics", f"steps{first:07d}-{step:07d}.jsonl"),
+            "".join(json.dumps(m) + "\n" for m in history),
+        )
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": step})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_step{step:07d}")
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_step{step:07d}",
+        )
 
 
 def export_hf_model(engine, tokenizer, target: str, rank: int, zero_stage: int) -> None:
@@ -229,7 +288,11 @@ def export_hf_model(engine, tokenizer, target: str, rank: int, zero_stage: int) 
     model = engine.module
     if zero_stage == 3:
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if rank == 0 else None
+            state = (
+                {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                if rank == 0
+                else None
+            )
     else:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()} if rank == 0 else None
     if rank == 0:

@@ -30,8 +30,9 @@ class TrainOutcome:
     report: dict[str, Any]
 
 
-def plan_steps(num_samples: int, *, micro_batch: int, grad_accum: int, world: int,
-               max_steps: int | None) -> tuple[int, int]:
+def plan_steps(
+    num_samples: int, *, micro_batch: int, grad_accum: int, world: int, max_steps: int | None
+) -> tuple[int, int]:
     """``(total_steps, dropped_tail)``: full global batches only; the incomplete tail is dropped."""
     global_batch = micro_batch * grad_accum * world
     steps = num_samples // global_batch
@@ -54,46 +55,67 @@ def run_training(cfg: TrainJobConfig) -> TrainOutcome:
     run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
     min_candidates = 1 if tc.mode == "sft" else 2
 
-    read = read_ranked(cfg.data.path, on_error=cfg.data.on_error, fmt=cfg.data.format,
-                       min_responses=min_candidates)
+    read = read_ranked(
+        cfg.data.path, on_error=cfg.data.on_error, fmt=cfg.data.format, min_responses=min_candidates
+    )
     records = read.records[: cfg.data.limit]
     if tc.mode == "sft":  # SFT trains on the best (or only) answer of each record
         records = [{**r, "responses": r["responses"][:1]} for r in records]
     log.info("read %d records from %s (skipped: %s)", len(records), cfg.data.path, read.skipped)
 
     ensure_ray(cfg.run.ray_address, min_cpus=sc.num_workers * sc.cpus_per_worker)
-    check_resources(cpus=sc.num_workers * sc.cpus_per_worker,
-                    gpus=sc.num_workers if sc.use_gpu else 0, what="training")
+    check_resources(
+        cpus=sc.num_workers * sc.cpus_per_worker,
+        gpus=sc.num_workers if sc.use_gpu else 0,
+        what="training",
+    )
     dataset, stats = build_training_dataset(
-        records, model_path=cfg.model.name_or_path, template=cfg.model.template,
-        system_prompt=cfg.model.system_prompt, max_length=tc.max_length, epochs=tc.epochs,
-        seed=tc.seed, min_candidates=min_candidates, max_candidates=tc.max_candidates,
+        records,
+        model_path=cfg.model.name_or_path,
+        template=cfg.model.template,
+        system_prompt=cfg.model.system_prompt,
+        max_length=tc.max_length,
+        epochs=tc.epochs,
+        seed=tc.seed,
+        min_candidates=min_candidates,
+        max_candidates=tc.max_candidates,
     )
     kept = stats.samples - stats.excluded_too_few_candidates
     total_steps, dropped_tail = plan_steps(
-        kept, micro_batch=tc.micro_batch_size, grad_accum=tc.gradient_accumulation_steps,
-        world=sc.num_workers, max_steps=tc.max_steps)
+        kept,
+        micro_batch=tc.micro_batch_size,
+        grad_accum=tc.gradient_accumulation_steps,
+        world=sc.num_workers,
+        max_steps=tc.max_steps,
+    )
     if total_steps == 0:
         raise ValueError(
             f"{kept} usable samples do not fill one global batch of "
             f"{tc.micro_batch_size * tc.gradient_accumulation_steps * sc.num_workers} "
-            f"(micro_batch_size x gradient_accumulation_steps x num_workers); lower them")
+            f"(micro_batch_size x gradient_accumulation_steps x num_workers); lower them"
+        )
 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "job": cfg.model_dump(mode="json"), "total_steps": total_steps, "run_dir": run_dir,
+            "job": cfg.model_dump(mode="json"),
+            "total_steps": total_steps,
+            "run_dir": run_dir,
             "max_candidates": max(stats.max_candidates, 1),
             "samples_per_epoch": max(kept // tc.epochs, 1),
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-            resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}),
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})},
+        ),
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=cfg.run.storage_path,
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+        ),
         datasets={"train": dataset},
         # Every worker reads the whole ordered dataset and keeps its own slice (see loop.py).
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
@@ -101,13 +123,23 @@ def run_training(cfg: TrainJobConfig) -> TrainOutcome:
     result = trainer.fit()
     model_dir = storage.join(run_dir, "hf_model") if tc.export else None
     report = {
-        "stage": "train", "mode": tc.mode, "config_hash": config_hash(cfg),
-        "data": {"path": cfg.data.path, "read": read.num_read, "used": len(records),
-                 "skipped": dict(read.skipped), "skipped_examples": [str(e) for e in read.errors[:20]]},
-        "tokenization": asdict(stats), "dropped_tail_samples": dropped_tail,
-        "total_steps": total_steps, "final_metrics": result.metrics,
+        "stage": "train",
+        "mode": tc.mode,
+        "config_hash": config_hash(cfg),
+        "data": {
+            "path": cfg.data.path,
+            "read": read.num_read,
+            "used": len(records),
+            "skipped": dict(read.skipped),
+            "skipped_examples": [str(e) for e in read.errors[:20]],
+        },
+        "tokenization": asdict(stats),
+        "dropped_tail_samples": dropped_tail,
+        "total_steps": total_steps,
+        "final_metrics": result.metrics,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "model_dir": model_dir, "wall_time_s": round(time.time() - started, 1),
+        "model_dir": model_dir,
+        "wall_time_s": round(time.time() - started, 1),
     }
     storage.write_json(storage.join(run_dir, "train_report.json"), report)
     return TrainOutcome(run_dir=run_dir, model_dir=model_dir, report=report)
