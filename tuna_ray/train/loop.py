@@ -109,6 +109,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(tc.seed)
+    # Ray pins OMP threads to 1 unless told; use the CPUs this worker reserved.
+    if not cfg.scaling.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
 
     # --- model, optimizer, schedule, engine -------------------------------------------------
     on_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
@@ -152,7 +155,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             _, client_state = engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG)
         start_step = int(client_state["step"])
-    attempt = uuid.uuid4().hex[:8]
+    attempt = _shared_attempt_id()
 
     # --- train ------------------------------------------------------------------------------
     global_batch = tc.micro_batch_size * tc.gradient_accumulation_steps * world
@@ -242,6 +245,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         export_hf_model(engine, tokenizer, storage.join(run_dir, "hf_model"), rank, tc.zero_stage)
 
 
+def _shared_attempt_id() -> str:
+    """One id per (re)start of the worker group, the same on every rank."""
+    box = [uuid.uuid4().hex[:8]]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _to_device(batch, device):
     from dataclasses import fields, replace
 
@@ -305,11 +316,18 @@ def export_hf_model(engine, tokenizer, target: str, rank: int, zero_stage: int) 
 
 
 def _maybe_inject_fault(tc, run_dir: str, rank: int, step: int) -> None:
-    """Testing hook (``train.fail_at_step``): die hard once, to exercise recovery."""
+    """Testing hook (``train.fail_at_step``): die hard once, to exercise recovery.
+
+    The controller learns of a reported checkpoint at its next health check of the workers
+    (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default); a worker that dies sooner than
+    that falls back to the checkpoint before. The hook waits two intervals first, so it models
+    a crash some time after the last checkpoint, deterministically.
+    """
     if step != tc.fail_at_step or rank != tc.fail_rank:
         return
     marker = storage.join(run_dir, "fault_injected")
     if storage.exists(marker):
         return
     storage.write_text(marker, f"rank {rank} exited at step {step}\n")
+    time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1)
     os._exit(1)

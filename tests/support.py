@@ -1,0 +1,46 @@
+"""Test helpers shared by several test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "jobs" / "data"
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def synthetic_ranked(n: int, candidates: int = 3, seed: int = 0) -> list[dict]:
+    """Ranked records with short, distinct answers (varied lengths, so N-token counts differ)."""
+    import random
+
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta river stone cloud paper light green quick slow".split()
+    records = []
+    for i in range(n):
+        responses = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 12))) + f" {i}.{k}"
+                     for k in range(candidates)]
+        records.append({"id": f"rec-{i:03d}", "instruction": f"Write about item {i}.",
+                        "input": "", "responses": responses})
+    return records
+
+
+def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m tuna_ray ARGS`` in a fresh process (a fresh local Ray each time)."""
+    return subprocess.run(
+        [sys.executable, "-m", "tuna_ray", *args], cwd=cwd or REPO, capture_output=True,
+        text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-80:])
+        raise AssertionError(f"exit {proc.returncode}:\n{tail}")
