@@ -9,7 +9,8 @@ import pytest
 
 # DeepSpeed compiles its CPU ops on first use (~35 s); keep them across runs.
 os.environ.setdefault(
-    "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "tuna-ray" / "torch_extensions"))
+    "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "tuna-ray" / "torch_extensions")
+)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 

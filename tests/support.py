@@ -22,21 +22,49 @@ def synthetic_ranked(n: int, candidates: int = 3, seed: int = 0) -> list[dict]:
     import random
 
     rng = random.Random(seed)
-    words = "alpha beta gamma delta river stone cloud paper light green quick slow".split()
+    words = [
+        "alpha",
+        "beta",
+        "gamma",
+        "delta",
+        "river",
+        "stone",
+        "cloud",
+        "paper",
+        "light",
+        "green",
+        "quick",
+        "slow",
+    ]
     records = []
     for i in range(n):
-        responses = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 12))) + f" {i}.{k}"
-                     for k in range(candidates)]
-        records.append({"id": f"rec-{i:03d}", "instruction": f"Write about item {i}.",
-                        "input": "", "responses": responses})
+        responses = [
+            " ".join(rng.choice(words) for _ in range(rng.randint(2, 12))) + f" {i}.{k}"
+            for k in range(candidates)
+        ]
+        records.append(
+            {
+                "id": f"rec-{i:03d}",
+                "instruction": f"Write about item {i}.",
+                "input": "",
+                "responses": responses,
+            }
+        )
     return records
 
 
-def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, timeout: float = 600, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run ``python -m tuna_ray ARGS`` in a fresh process (a fresh local Ray each time)."""
     return subprocess.run(
-        [sys.executable, "-m", "tuna_ray", *args], cwd=cwd or REPO, capture_output=True,
-        text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [sys.executable, "-m", "tuna_ray", *args],
+        check=False,
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
 

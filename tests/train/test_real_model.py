@@ -26,8 +26,14 @@ def _pairs(n: int) -> list[dict]:
     pairs = []
     for i, a in enumerate(short):
         first_sentence = a["output"].split(".")[0].strip() + "."
-        pairs.append({"id": f"alpaca-{i}", "instruction": a["instruction"], "input": "",
-                      "responses": [a["output"], " ".join([first_sentence] * 4)]})
+        pairs.append(
+            {
+                "id": f"alpaca-{i}",
+                "instruction": a["instruction"],
+                "input": "",
+                "responses": [a["output"], " ".join([first_sentence] * 4)],
+            }
+        )
     return pairs
 
 
@@ -48,13 +54,24 @@ def test_smollm2_learns_the_given_ranking(tmp_path, smollm2_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", records)
     before = _scores(smollm2_path, records)
     proc = run_cli(
-        "train", "--config", "jobs/configs/train-tiny-cpu.yaml",
-        "model.name_or_path=builtin:smollm2-135m-instruct", "model.template=chat",
-        f"data.path={data}", "train.epochs=2", "train.micro_batch_size=4",
-        "train.gradient_accumulation_steps=1", "train.max_length=128", "train.zero_stage=0",
-        "train.gradient_checkpointing=false", "train.optim.learning_rate=5e-5",
-        "train.checkpoint_every=100", "scaling.num_workers=1", "scaling.cpus_per_worker=2",
-        f"run.storage_path={tmp_path / 'runs'}", "run.name=real",
+        "train",
+        "--config",
+        "jobs/configs/train-tiny-cpu.yaml",
+        "model.name_or_path=builtin:smollm2-135m-instruct",
+        "model.template=chat",
+        f"data.path={data}",
+        "train.epochs=2",
+        "train.micro_batch_size=4",
+        "train.gradient_accumulation_steps=1",
+        "train.max_length=128",
+        "train.zero_stage=0",
+        "train.gradient_checkpointing=false",
+        "train.optim.learning_rate=5e-5",
+        "train.checkpoint_every=100",
+        "scaling.num_workers=1",
+        "scaling.cpus_per_worker=2",
+        f"run.storage_path={tmp_path / 'runs'}",
+        "run.name=real",
     )
     assert_ok(proc)
     after = _scores(tmp_path / "runs" / "real" / "hf_model", records)

@@ -20,9 +20,14 @@ pytestmark = pytest.mark.slow
 
 def _train(tmp_path: Path, model: Path, data: Path, name: str, *overrides: str):
     return run_cli(
-        "train", "--config", "jobs/configs/train-tiny-cpu.yaml",
-        f"model.name_or_path={model}", f"data.path={data}",
-        f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}", *overrides,
+        "train",
+        "--config",
+        "jobs/configs/train-tiny-cpu.yaml",
+        f"model.name_or_path={model}",
+        f"data.path={data}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"run.name={name}",
+        *overrides,
     )
 
 
@@ -89,9 +94,17 @@ def test_two_workers_train_checkpoint_and_export(tmp_path, tiny_model_path, zero
 def test_worker_killed_mid_run_recovers_from_checkpoint(tmp_path, tiny_model_path):
     records = synthetic_ranked(24)
     data = write_jsonl(tmp_path / "ranked.jsonl", records)
-    proc = _train(tmp_path, tiny_model_path, data, "run", "train.epochs=2",
-                  "train.checkpoint_every=2", "train.fail_at_step=3", "train.fail_rank=1",
-                  "scaling.max_failures=1")
+    proc = _train(
+        tmp_path,
+        tiny_model_path,
+        data,
+        "run",
+        "train.epochs=2",
+        "train.checkpoint_every=2",
+        "train.fail_at_step=3",
+        "train.fail_rank=1",
+        "scaling.max_failures=1",
+    )
     assert_ok(proc)
     run_dir = tmp_path / "runs" / "run"
     assert (run_dir / "fault_injected").exists()
@@ -109,8 +122,12 @@ def test_worker_killed_mid_run_recovers_from_checkpoint(tmp_path, tiny_model_pat
 
 def test_rerun_after_driver_stops_resumes(tmp_path, tiny_model_path):
     data = write_jsonl(tmp_path / "ranked.jsonl", synthetic_ranked(24))
-    args = ("train.epochs=2", "train.checkpoint_every=2", "train.fail_at_step=3",
-            "scaling.max_failures=0")
+    args = (
+        "train.epochs=2",
+        "train.checkpoint_every=2",
+        "train.fail_at_step=3",
+        "scaling.max_failures=0",
+    )
     first = _train(tmp_path, tiny_model_path, data, "run", *args)
     assert first.returncode != 0  # no retries allowed: the driver gives up
     run_dir = tmp_path / "runs" / "run"
@@ -129,12 +146,30 @@ def test_loss_and_gradient_do_not_depend_on_batch_split(tmp_path, tiny_model_pat
     """One global batch of 4: 1 worker x 4 samples vs 2 workers x 2 micro-batches of 1."""
     data = write_jsonl(tmp_path / "ranked.jsonl", synthetic_ranked(8))
     common = ("train.max_steps=1", "train.export=false", "train.zero_stage=2")
-    assert_ok(_train(tmp_path, tiny_model_path, data, "whole", *common,
-                     "scaling.num_workers=1", "train.micro_batch_size=4",
-                     "train.gradient_accumulation_steps=1"))
-    assert_ok(_train(tmp_path, tiny_model_path, data, "split", *common,
-                     "scaling.num_workers=2", "train.micro_batch_size=1",
-                     "train.gradient_accumulation_steps=2"))
+    assert_ok(
+        _train(
+            tmp_path,
+            tiny_model_path,
+            data,
+            "whole",
+            *common,
+            "scaling.num_workers=1",
+            "train.micro_batch_size=4",
+            "train.gradient_accumulation_steps=1",
+        )
+    )
+    assert_ok(
+        _train(
+            tmp_path,
+            tiny_model_path,
+            data,
+            "split",
+            *common,
+            "scaling.num_workers=2",
+            "train.micro_batch_size=1",
+            "train.gradient_accumulation_steps=2",
+        )
+    )
     whole = _report(tmp_path, "whole")["final_metrics"]
     split = _report(tmp_path, "split")["final_metrics"]
     for key in ("loss", "ranking_loss", "mle_loss", "grad_norm", "ranking_accuracy"):

@@ -329,5 +329,5 @@ def _maybe_inject_fault(tc, run_dir: str, rank: int, step: int) -> None:
     if storage.exists(marker):
         return
     storage.write_text(marker, f"rank {rank} exited at step {step}\n")
-    time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1)
+    time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 1)
     os._exit(1)
