@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _stage_parser(sub, "train", "finetune with the Tuna loss (or SFT) on Ray Train + DeepSpeed")
+    from tuna_ray.serve import server
+
+    server.add_arguments(sub.add_parser("serve", help="local OpenAI-compatible server (tests, demo)"))
     prep = sub.add_parser("prepare-model", help="build a builtin model folder and print its path")
     prep.add_argument("name", help="builtin model name, e.g. smollm2-135m-instruct")
     return parser
@@ -42,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command == "serve":
+        from tuna_ray.serve import server
+
+        return server.main(args)
     if args.command == "prepare-model":
         from tuna_ray.models import resolve_model
 

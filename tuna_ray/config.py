@@ -122,7 +122,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, mod
     return model.model_validate(OmegaConf.to_container(merged, resolve=True))
 
 
-def config_hash(config: BaseModel) -> str:
-    """A stable short hash of a config, for manifests and cache keys."""
-    blob = json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()
+def config_hash(config: BaseModel | dict) -> str:
+    """A stable short hash of a config (a model or its JSON dump), for manifests and caches."""
+    dumped = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    blob = json.dumps(dumped, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -41,6 +41,38 @@ def plan_steps(
     return steps, num_samples - (num_samples // global_batch) * global_batch
 
 
+# Fields that change how a run is operated, not what it computes: a rerun may change them.
+_OPERATIONAL = {"train": {"fail_at_step", "fail_rank", "log_every", "checkpoint_every",
+                          "keep_checkpoints"},
+                "scaling": {"max_failures", "cpus_per_worker"}, "run": True}
+
+
+def result_hash(cfg: TrainJobConfig) -> str:
+    """Hash of everything that determines the trained weights (see ``_OPERATIONAL``)."""
+    dumped = cfg.model_dump(mode="json")
+    for section, fields in _OPERATIONAL.items():
+        if fields is True:
+            dumped.pop(section)
+        else:
+            for f in fields:
+                dumped[section].pop(f)
+    return config_hash(dumped)
+
+
+def _check_run_dir(run_dir: str, digest: str) -> dict | None:
+    """The finished report if this exact run already finished; refuse a different config."""
+    stamp = storage.join(run_dir, "train_config_hash.txt")
+    if not storage.exists(stamp):
+        return None
+    previous = storage.read_text(stamp).strip()
+    if previous != digest:
+        raise ValueError(
+            f"{run_dir} holds a run with a different training config (hash {previous}, now "
+            f"{digest}); its checkpoints would not fit. Use another run.name or delete it.")
+    report = storage.join(run_dir, "train_report.json")
+    return storage.read_json(report) if storage.exists(report) else None
+
+
 def run_training(cfg: TrainJobConfig) -> TrainOutcome:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -54,6 +86,12 @@ def run_training(cfg: TrainJobConfig) -> TrainOutcome:
     tc, sc = cfg.train, cfg.scaling
     run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
     min_candidates = 1 if tc.mode == "sft" else 2
+
+    digest = result_hash(cfg)
+    finished = _check_run_dir(run_dir, digest)
+    if finished is not None:
+        log.info("%s already finished with this config: skipping (delete it to retrain)", run_dir)
+        return TrainOutcome(run_dir=run_dir, model_dir=finished["model_dir"], report=finished)
 
     read = read_ranked(
         cfg.data.path, on_error=cfg.data.on_error, fmt=cfg.data.format, min_responses=min_candidates
@@ -95,6 +133,7 @@ def run_training(cfg: TrainJobConfig) -> TrainOutcome:
             f"(micro_batch_size x gradient_accumulation_steps x num_workers); lower them"
         )
 
+    storage.write_text(storage.join(run_dir, "train_config_hash.txt"), digest + "\n")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -125,7 +164,7 @@ def run_training(cfg: TrainJobConfig) -> TrainOutcome:
     report = {
         "stage": "train",
         "mode": tc.mode,
-        "config_hash": config_hash(cfg),
+        "config_hash": digest,
         "data": {
             "path": cfg.data.path,
             "read": read.num_read,

