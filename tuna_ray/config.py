@@ -14,6 +14,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tuna_ray.engines.base import SamplingParams
+from tuna_ray.engines.factory import EngineConfig
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -111,6 +114,38 @@ class TrainJobConfig(_Strict):
         if "://" not in self.run.storage_path:
             self.run.storage_path = str(Path(self.run.storage_path).expanduser().resolve())
         return self
+
+
+class StageScalingConfig(_Strict):
+    """How a Ray Data generation stage spreads over the cluster."""
+
+    actors: int = Field(default=1, ge=1, description="actor pool size (engine replicas)")
+    batch_size: int = Field(default=8, ge=1, description="instructions per actor batch")
+    cpus_per_actor: float = Field(default=1.0, ge=0)
+    gpus_per_actor: float = Field(default=0.0, ge=0)
+    ray_address: str | None = None
+
+
+class ProbabilisticStageConfig(_Strict):
+    """Probabilistic ranking: the teacher samples N answers, ranked by mean token log-prob."""
+
+    input: DataConfig
+    output_dir: str
+    engine: EngineConfig
+    sampling: SamplingParams = SamplingParams(n=4, temperature=1.0, top_p=1.0, max_tokens=512,
+                                              seed=0)
+    # "alpaca": the paper's prompt as text (chat endpoints get it as the user message);
+    # "chat": the instruction (+ input) as the user message, rendered by the teacher's template.
+    template: Literal["alpaca", "chat"] = "alpaca"
+    system_prompt: str | None = None
+    include_reference: bool = Field(
+        default=False, description="re-score the dataset's own answer and rank it too")
+    # Empty or duplicate samples carry no signal: drop them, or ask for replacements first.
+    on_bad_sample: Literal["drop", "resample"] = "resample"
+    resample_rounds: int = Field(default=2, ge=0)
+    min_candidates: int = Field(default=2, ge=2)
+    retry_failed: bool = Field(default=False, description="rerun a finished stage's failures")
+    scaling: StageScalingConfig = StageScalingConfig()
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, model=TrainJobConfig):

@@ -13,7 +13,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 
-def _split(uri: str) -> tuple[pafs.FileSystem, str]:
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of ``uri`` and the path inside it."""
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
@@ -26,19 +27,19 @@ def join(uri: str, *parts: str) -> str:
 
 
 def exists(uri: str) -> bool:
-    fs, path = _split(uri)
+    fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def read_text(uri: str) -> str:
-    fs, path = _split(uri)
+    fs, path = filesystem(uri)
     with fs.open_input_stream(path) as f:
         return f.read().decode("utf-8")
 
 
 def write_text(uri: str, text: str) -> None:
     """Write ``text`` to ``uri`` (parents created); readers never see a half-written file."""
-    fs, path = _split(uri)
+    fs, path = filesystem(uri)
     fs.create_dir(posixpath.dirname(path), recursive=True)
     tmp = path + ".tmp"
     with fs.open_output_stream(tmp) as f:
@@ -56,7 +57,7 @@ def write_json(uri: str, obj) -> None:
 
 def list_files(uri: str) -> list[str]:
     """Full paths/URIs of the files directly under ``uri`` (empty if it does not exist)."""
-    fs, path = _split(uri)
+    fs, path = filesystem(uri)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return []
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
@@ -67,7 +68,7 @@ def list_files(uri: str) -> list[str]:
 
 def upload_dir(local_dir: str | Path, uri: str) -> None:
     """Copy a local folder to ``uri`` (replacing files of the same name)."""
-    fs, path = _split(uri)
+    fs, path = filesystem(uri)
     fs.create_dir(path, recursive=True)
     pafs.copy_files(
         str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
