@@ -1,6 +1,6 @@
 """Entry point for ``ray job submit``: the probabilistic ranking stage.
 
-    ray job submit --working-dir . -- python jobs/rank_probabilistic.py --config jobs/configs/<name>.yaml
+ray job submit --working-dir . -- python jobs/rank_probabilistic.py --config jobs/configs/<name>.yaml
 """
 
 import sys

@@ -27,7 +27,11 @@ def test_unknown_keys_are_errors_not_silent_defaults():
 def test_defaults_are_the_papers():
     tc = TrainJobConfig(model={"name_or_path": "m"}, data={"path": "d"}).train
     assert (tc.optim.learning_rate, tc.epochs, tc.micro_batch_size, tc.max_length) == (
-        1e-5, 1, 16, 512)
+        1e-5,
+        1,
+        16,
+        512,
+    )
     assert (tc.margin, tc.mle_weight, tc.mle_target) == (0.1, 1.0, "all")
     assert (tc.optim.warmup_steps, tc.optim.schedule, tc.optim.betas) == (2, "cosine", (0.9, 0.999))
     assert tc.zero_stage == 3 and tc.gradient_checkpointing

@@ -1,9 +1,9 @@
 """``tuna-ray`` command line: one entry point, one subcommand per stage.
 
-    tuna-ray train --config jobs/configs/train-demo-cpu.yaml [dotted.key=value ...]
-    tuna-ray rank-probabilistic --config jobs/configs/<name>.yaml [key=value ...]
-    tuna-ray serve --model builtin:smollm2-135m-instruct [--port 0]
-    tuna-ray prepare-model smollm2-135m-instruct      # convert/cache a builtin model
+tuna-ray train --config jobs/configs/train-demo-cpu.yaml [dotted.key=value ...]
+tuna-ray rank-probabilistic --config jobs/configs/<name>.yaml [key=value ...]
+tuna-ray serve --model builtin:smollm2-135m-instruct [--port 0]
+tuna-ray prepare-model smollm2-135m-instruct      # convert/cache a builtin model
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ def _train(cfg) -> dict:
     from tuna_ray.train.trainer import run_training
 
     outcome = run_training(cfg)
-    return {"run_dir": outcome.run_dir, "model_dir": outcome.model_dir,
-            "final_metrics": outcome.report["final_metrics"]}
+    return {
+        "run_dir": outcome.run_dir,
+        "model_dir": outcome.model_dir,
+        "final_metrics": outcome.report["final_metrics"],
+    }
 
 
 def _rank_probabilistic(cfg) -> dict:
@@ -32,23 +35,34 @@ def _rank_probabilistic(cfg) -> dict:
 def _stages() -> dict[str, tuple[str, str, Callable]]:
     """command -> (help, config class name in tuna_ray.config, runner)."""
     return {
-        "train": ("finetune with the Tuna loss (or SFT) on Ray Train + DeepSpeed",
-                  "TrainJobConfig", _train),
-        "rank-probabilistic": ("teacher samples N answers, ranked by mean token log-prob",
-                               "ProbabilisticStageConfig", _rank_probabilistic),
+        "train": (
+            "finetune with the Tuna loss (or SFT) on Ray Train + DeepSpeed",
+            "TrainJobConfig",
+            _train,
+        ),
+        "rank-probabilistic": (
+            "teacher samples N answers, ranked by mean token log-prob",
+            "ProbabilisticStageConfig",
+            _rank_probabilistic,
+        ),
     }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tuna-ray", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tuna-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, _, _) in _stages().items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", required=True, help="YAML config file")
-        p.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="dotted overrides, e.g. train.optim.learning_rate=2e-5")
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="dotted overrides, e.g. train.optim.learning_rate=2e-5",
+        )
     from tuna_ray.serve import server
 
     server.add_arguments(sub.add_parser("serve", help="local OpenAI-compatible server"))
@@ -59,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.command == "serve":
         from tuna_ray.serve import server
 
@@ -78,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
 
     _, config_name, run = _stages()[args.command]
     try:
-        cfg = config_module.load_config(args.config, args.overrides,
-                                        getattr(config_module, config_name))
+        cfg = config_module.load_config(
+            args.config, args.overrides, getattr(config_module, config_name)
+        )
         print(json.dumps(run(cfg), indent=2, default=str))
         return 0
     except (ValidationError, RecordError, FileNotFoundError, ValueError) as exc:

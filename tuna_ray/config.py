@@ -132,14 +132,16 @@ class ProbabilisticStageConfig(_Strict):
     input: DataConfig
     output_dir: str
     engine: EngineConfig
-    sampling: SamplingParams = SamplingParams(n=4, temperature=1.0, top_p=1.0, max_tokens=512,
-                                              seed=0)
+    sampling: SamplingParams = SamplingParams(
+        n=4, temperature=1.0, top_p=1.0, max_tokens=512, seed=0
+    )
     # "alpaca": the paper's prompt as text (chat endpoints get it as the user message);
     # "chat": the instruction (+ input) as the user message, rendered by the teacher's template.
     template: Literal["alpaca", "chat"] = "alpaca"
     system_prompt: str | None = None
     include_reference: bool = Field(
-        default=False, description="re-score the dataset's own answer and rank it too")
+        default=False, description="re-score the dataset's own answer and rank it too"
+    )
     # Empty or duplicate samples carry no signal: drop them, or ask for replacements first.
     on_bad_sample: Literal["drop", "resample"] = "resample"
     resample_rounds: int = Field(default=2, ge=0)

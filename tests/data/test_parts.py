@@ -9,8 +9,14 @@ from tuna_ray.data.readers import read_ranked
 
 
 def _rec(i: str) -> dict:
-    return {"id": i, "instruction": f"q{i}", "input": "", "responses": ["a", "b"],
-            "scores": [-1.0, -2.0], "ranking": "probabilistic"}
+    return {
+        "id": i,
+        "instruction": f"q{i}",
+        "input": "",
+        "responses": ["a", "b"],
+        "scores": [-1.0, -2.0],
+        "ranking": "probabilistic",
+    }
 
 
 def test_parts_resume_and_consolidate_in_input_order(tmp_path):

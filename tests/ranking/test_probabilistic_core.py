@@ -13,8 +13,13 @@ from tuna_ray.ranking.probabilistic import (
 
 
 def test_clean_drops_empty_duplicate_and_tokenless_samples_with_counts():
-    samples = [Sample("A cat.", [-1.0, -2.0]), Sample("  ", [-0.1]), Sample(" A cat. ", [-0.5]),
-               Sample("A dog.", []), Sample("A bird.", [-3.0])]
+    samples = [
+        Sample("A cat.", [-1.0, -2.0]),
+        Sample("  ", [-0.1]),
+        Sample(" A cat. ", [-0.5]),
+        Sample("A dog.", []),
+        Sample("A bird.", [-3.0]),
+    ]
     seen = {"A bird."}  # kept in an earlier round
     out = clean_samples(samples, seen)
     assert [c.text for c in out.kept] == ["A cat."]
@@ -23,13 +28,18 @@ def test_clean_drops_empty_duplicate_and_tokenless_samples_with_counts():
 
 
 def test_rank_orders_by_mean_not_sum_and_keeps_ties_in_sampling_order():
-    samples = [Sample("long", [-1.0] * 10), Sample("short", [-2.0]), Sample("tie", [-0.5, -1.5]),
-               Sample("best", [-0.1, -0.1])]
+    samples = [
+        Sample("long", [-1.0] * 10),
+        Sample("short", [-2.0]),
+        Sample("tie", [-0.5, -1.5]),
+        Sample("best", [-0.1, -0.1]),
+    ]
     cands = clean_samples(samples).kept
     ref = reference_candidate("ref answer", Scored(logprob_sum=-3.0, num_tokens=2))
     record = {"id": "x", "instruction": "Do it", "input": "", "source": "t"}
-    ranked = rank_by_teacher_logprob(record, "P", cands + [ref], generator="hf:m",
-                                     params=SamplingParams(n=4, seed=3))
+    ranked = rank_by_teacher_logprob(
+        record, "P", cands + [ref], generator="hf:m", params=SamplingParams(n=4, seed=3)
+    )
     # means: long -1.0, short -2.0, tie -1.0, best -0.1, ref -1.5
     assert ranked["responses"] == ["best", "long", "tie", "ref answer", "short"]
     assert ranked["scores"] == [-0.1, -1.0, -1.0, -1.5, -2.0]

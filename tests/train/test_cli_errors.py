@@ -12,14 +12,25 @@ def test_bad_record_names_file_line_and_field(tmp_path):
     good = {"id": "a", "instruction": "x", "responses": ["one", "two"]}
     bad = {"id": "b", "instruction": "y", "responses": ["only one"]}
     data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
-    proc = run_cli("train", "--config", "jobs/configs/train-tiny-cpu.yaml", f"data.path={data}",
-                   f"run.storage_path={tmp_path}", timeout=120)
+    proc = run_cli(
+        "train",
+        "--config",
+        "jobs/configs/train-tiny-cpu.yaml",
+        f"data.path={data}",
+        f"run.storage_path={tmp_path}",
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert f"{data} line 2, field 'responses'" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_bad_config_key_is_named(tmp_path):
-    proc = run_cli("train", "--config", "jobs/configs/train-tiny-cpu.yaml", "train.learning_rate=1",
-                   timeout=120)
+    proc = run_cli(
+        "train",
+        "--config",
+        "jobs/configs/train-tiny-cpu.yaml",
+        "train.learning_rate=1",
+        timeout=120,
+    )
     assert proc.returncode == 2 and "train.learning_rate" in proc.stderr

@@ -23,11 +23,13 @@ def _rows(seed: int, vocab: int) -> list[dict]:
     rows = []
     for n in (3, 1, 2):  # ragged N
         ids, plen = [], []
-        prompt = torch.randint(3, vocab, (int(torch.randint(2, 9, (1,), generator=g)),),
-                               generator=g).tolist()
+        prompt = torch.randint(
+            3, vocab, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g
+        ).tolist()
         for _ in range(n):
-            answer = torch.randint(3, vocab, (int(torch.randint(1, 12, (1,), generator=g)),),
-                                   generator=g).tolist()
+            answer = torch.randint(
+                3, vocab, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g
+            ).tolist()
             ids.append(prompt + answer + [2])
             plen.append(len(prompt))
         rows.append({"input_ids": ids, "prompt_len": plen})

@@ -49,6 +49,7 @@ def test_truncation_is_counted_and_prompt_filling_the_window_drops_the_candidate
 
 def test_chat_template_prompt_keeps_its_special_tokens_once(tokenizer):
     prompt = render_prompt("Hi", template="chat", tokenizer=tokenizer)
-    ex = tokenize_candidates(prompt, ["Hello!"], tokenizer, max_length=128,
-                             add_special_tokens=False)
+    ex = tokenize_candidates(
+        prompt, ["Hello!"], tokenizer, max_length=128, add_special_tokens=False
+    )
     assert tokenizer.decode(ex.input_ids[0]) == prompt + "Hello!" + tokenizer.eos_token

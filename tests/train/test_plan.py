@@ -18,8 +18,15 @@ def test_step_slices_partition_the_stream(world, mb, gas):
     total = len(rows) // g
     per_step: dict[int, list[str]] = {}
     for rank in range(world):
-        for step, micro_batches in step_slices(iter(rows), rank=rank, world=world, micro_batch=mb,
-                                               grad_accum=gas, start_step=0, total_steps=total):
+        for step, micro_batches in step_slices(
+            iter(rows),
+            rank=rank,
+            world=world,
+            micro_batch=mb,
+            grad_accum=gas,
+            start_step=0,
+            total_steps=total,
+        ):
             assert len(micro_batches) == gas and all(len(m) == mb for m in micro_batches)
             per_step.setdefault(step, []).extend(r["id"] for m in micro_batches for r in m)
     assert sorted(per_step) == list(range(total))
@@ -29,10 +36,16 @@ def test_step_slices_partition_the_stream(world, mb, gas):
 
 def test_step_slices_resume_skips_exactly_the_consumed_steps():
     rows = [{"id": i} for i in range(40)]
-    full = dict(step_slices(iter(rows), rank=1, world=2, micro_batch=2, grad_accum=1,
-                            start_step=0, total_steps=10))
-    resumed = dict(step_slices(iter(rows), rank=1, world=2, micro_batch=2, grad_accum=1,
-                               start_step=6, total_steps=10))
+    full = dict(
+        step_slices(
+            iter(rows), rank=1, world=2, micro_batch=2, grad_accum=1, start_step=0, total_steps=10
+        )
+    )
+    resumed = dict(
+        step_slices(
+            iter(rows), rank=1, world=2, micro_batch=2, grad_accum=1, start_step=6, total_steps=10
+        )
+    )
     assert sorted(resumed) == [6, 7, 8, 9]
     assert all(resumed[s] == full[s] for s in resumed)
 
@@ -51,8 +64,13 @@ def test_global_order_is_a_seeded_permutation_per_epoch():
 
 
 def test_deepspeed_config_follows_train_config():
-    tc = TrainConfig(zero_stage=3, offload_optimizer=True, offload_params=True,
-                     micro_batch_size=3, gradient_accumulation_steps=5)
+    tc = TrainConfig(
+        zero_stage=3,
+        offload_optimizer=True,
+        offload_params=True,
+        micro_batch_size=3,
+        gradient_accumulation_steps=5,
+    )
     cfg = build_deepspeed_config(tc, precision="bf16")
     assert cfg["train_micro_batch_size_per_gpu"] == 3
     assert cfg["gradient_accumulation_steps"] == 5

@@ -33,8 +33,10 @@ def write_part(output_dir: str, records: list[dict], failures: list[dict]) -> No
             pq.write_table(pa.Table.from_pylist(records), f)
         fs.move(path + ".tmp", path)
     if failures:
-        storage.write_text(storage.join(output_dir, "failures", f"part-{tag}.jsonl"),
-                           "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures))
+        storage.write_text(
+            storage.join(output_dir, "failures", f"part-{tag}.jsonl"),
+            "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures),
+        )
 
 
 def read_parts(output_dir: str) -> list[dict]:
@@ -76,8 +78,10 @@ def consolidate(output_dir: str, name: str, order: list[str]) -> tuple[str, list
     fs, local = storage.filesystem(path)
     with fs.open_output_stream(local) as f:
         pq.write_table(pa.Table.from_pylist(ordered) if ordered else pa.table({}), f)
-    storage.write_text(storage.join(output_dir, "failures.jsonl"),
-                       "".join(json.dumps(f, sort_keys=True) + "\n" for f in failed))
+    storage.write_text(
+        storage.join(output_dir, "failures.jsonl"),
+        "".join(json.dumps(f, sort_keys=True) + "\n" for f in failed),
+    )
     return path, ordered, failed
 
 

@@ -93,7 +93,9 @@ class Engine(Protocol):
 
     name: str  # e.g. "openai:gpt-4o-mini@https://api.openai.com/v1", recorded as ``generator``
 
-    def sample(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Sample] | EngineError]:
+    def sample(
+        self, prompts: list[Prompt], params: SamplingParams
+    ) -> list[list[Sample] | EngineError]:
         """For each prompt, ``params.n`` samples with token log-probs, or the error it ended in."""
         ...
 
@@ -101,5 +103,4 @@ class Engine(Protocol):
         """Summed log-prob and token count of each given response after ``prompt``."""
         ...
 
-    def usage(self) -> Usage:
-        ...
+    def usage(self) -> Usage: ...

@@ -1,8 +1,8 @@
 """Engine selection by config: ``engine.kind`` picks the backend, the rest configures it.
 
-    engine: {kind: openai, base_url: https://api.openai.com/v1, model: gpt-4o-mini, qps: 5}
-    engine: {kind: hf, model: builtin:smollm2-135m-instruct}
-    engine: {kind: vllm, model: meta-llama/Llama-2-7b-hf, tensor_parallel_size: 2, replicas: 4}
+engine: {kind: openai, base_url: https://api.openai.com/v1, model: gpt-4o-mini, qps: 5}
+engine: {kind: hf, model: builtin:smollm2-135m-instruct}
+engine: {kind: vllm, model: meta-llama/Llama-2-7b-hf, tensor_parallel_size: 2, replicas: 4}
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ class HFEngineSpec(BaseModel):
     batch_size: int = Field(default=8, ge=1)
 
 
-EngineConfig = Annotated[OpenAIEngineSpec | HFEngineSpec | VLLMEngineSpec,
-                         Field(discriminator="kind")]
+EngineConfig = Annotated[
+    OpenAIEngineSpec | HFEngineSpec | VLLMEngineSpec, Field(discriminator="kind")
+]
 
 
 def build_engine(spec: OpenAIEngineSpec | HFEngineSpec | VLLMEngineSpec):
@@ -48,6 +49,7 @@ def build_engine(spec: OpenAIEngineSpec | HFEngineSpec | VLLMEngineSpec):
     if isinstance(spec, HFEngineSpec):
         from tuna_ray.engines.hf import HFEngine
 
-        return HFEngine(spec.model, device=spec.device, dtype=spec.dtype,
-                        batch_size=spec.batch_size)
+        return HFEngine(
+            spec.model, device=spec.device, dtype=spec.dtype, batch_size=spec.batch_size
+        )
     raise TypeError(f"engine kind {spec.kind!r} does not run inside an actor; see run_vllm")

@@ -70,8 +70,14 @@ def reference_candidate(text: str, scored: Scored) -> Candidate | None:
     return Candidate(text, scored.logprob_sum, scored.num_tokens, "reference")
 
 
-def rank_by_teacher_logprob(record: dict, prompt: str, candidates: list[Candidate], *,
-                            generator: str, params: SamplingParams) -> dict:
+def rank_by_teacher_logprob(
+    record: dict,
+    prompt: str,
+    candidates: list[Candidate],
+    *,
+    generator: str,
+    params: SamplingParams,
+) -> dict:
     """The ranked record (DESIGN.md schema) for ``record`` from its scored candidates."""
     ordered = sorted(candidates, key=lambda c: -c.score)  # stable: ties keep sampling order
     return {
@@ -85,7 +91,8 @@ def rank_by_teacher_logprob(record: dict, prompt: str, candidates: list[Candidat
         "num_tokens": [c.num_tokens for c in ordered],
         "origins": [c.origin for c in ordered],
         "ranking": "probabilistic",
-        "generator": json.dumps({"engine": generator, **params.model_dump(mode="json")},
-                                sort_keys=True),
+        "generator": json.dumps(
+            {"engine": generator, **params.model_dump(mode="json")}, sort_keys=True
+        ),
         "source": record.get("source"),
     }

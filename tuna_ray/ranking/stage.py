@@ -46,8 +46,17 @@ def build_prompt(record: dict, template: str, tokenizer=None, system: str | None
         user += "\n\n" + record["input"]
     messages = ({"role": "system", "content": system},) if system else ()
     messages += ({"role": "user", "content": user},)
-    text = (render_prompt(record["instruction"], record.get("input") or "", template="chat",
-                          tokenizer=tokenizer, system=system) if tokenizer is not None else None)
+    text = (
+        render_prompt(
+            record["instruction"],
+            record.get("input") or "",
+            template="chat",
+            tokenizer=tokenizer,
+            system=system,
+        )
+        if tokenizer is not None
+        else None
+    )
     return Prompt(id=record["id"], text=text, messages=messages)
 
 
@@ -76,10 +85,15 @@ class TeacherRanker:
                 records.append(ranked)
             else:
                 failures.append({"id": row["id"], "reason": reason, "stage": "rank_probabilistic"})
-            summary.append({"id": row["id"], "status": "ok" if ranked else "failed",
-                            "reason": reason or "", **{f"dropped_{k}": counts[k] for k in
-                                                       ("empty", "duplicate", "no_tokens")},
-                            "resampled": counts["resampled"]})
+            summary.append(
+                {
+                    "id": row["id"],
+                    "status": "ok" if ranked else "failed",
+                    "reason": reason or "",
+                    **{f"dropped_{k}": counts[k] for k in ("empty", "duplicate", "no_tokens")},
+                    "resampled": counts["resampled"],
+                }
+            )
         parts.write_part(cfg.output_dir, records, failures)
         usage_after = self.engine.usage()
         out = {k: [s[k] for s in summary] for k in summary[0]}
@@ -102,8 +116,9 @@ class TeacherRanker:
                 break
             counts["resampled"] += missing
             seed = None if self.params.seed is None else self.params.seed + 1000 * (round_ + 1)
-            more = self.engine.sample([prompt], self.params.model_copy(update={"n": missing,
-                                                                               "seed": seed}))[0]
+            more = self.engine.sample(
+                [prompt], self.params.model_copy(update={"n": missing, "seed": seed})
+            )[0]
             if isinstance(more, EngineError):
                 return None, more.reason
             extra = clean_samples(more, seen)
@@ -119,11 +134,14 @@ class TeacherRanker:
             if ref is not None:
                 candidates.append(ref)
         if len(candidates) < cfg.min_candidates:
-            return None, (f"too few usable samples: {len(candidates)} < {cfg.min_candidates} "
-                          f"(dropped {dict(dropped)})")
+            return None, (
+                f"too few usable samples: {len(candidates)} < {cfg.min_candidates} "
+                f"(dropped {dict(dropped)})"
+            )
         text = prompt.text if prompt.text is not None else prompt.messages[-1]["content"]
-        return rank_by_teacher_logprob(row, text, candidates, generator=self.engine.name,
-                                       params=self.params), None
+        return rank_by_teacher_logprob(
+            row, text, candidates, generator=self.engine.name, params=self.params
+        ), None
 
 
 def run_probabilistic(cfg: ProbabilisticStageConfig) -> dict:
@@ -144,36 +162,66 @@ def run_probabilistic(cfg: ProbabilisticStageConfig) -> dict:
     order = [r["id"] for r in records]
     done = parts.finished_ids(cfg.output_dir)
     todo = [r for r in records if r["id"] not in done]
-    log.info("rank-probabilistic: %d instructions, %d done before, %d to do",
-             len(records), len(done & set(order)), len(todo))
+    log.info(
+        "rank-probabilistic: %d instructions, %d done before, %d to do",
+        len(records),
+        len(done & set(order)),
+        len(todo),
+    )
     totals: Counter = Counter()
     if todo:
         ensure_ray(cfg.scaling.ray_address)
-        items = [{"id": r["id"], "instruction": r["instruction"], "input": r.get("input") or "",
-                  "reference": r.get("reference") or "", "source": r.get("source") or ""}
-                 for r in todo]
+        items = [
+            {
+                "id": r["id"],
+                "instruction": r["instruction"],
+                "input": r.get("input") or "",
+                "reference": r.get("reference") or "",
+                "source": r.get("source") or "",
+            }
+            for r in todo
+        ]
         ds = ray.data.from_items(items).map_batches(
-            TeacherRanker, fn_constructor_kwargs={"config_json": cfg.model_dump_json()},
+            TeacherRanker,
+            fn_constructor_kwargs={"config_json": cfg.model_dump_json()},
             batch_size=cfg.scaling.batch_size,
             compute=ray.data.ActorPoolStrategy(size=cfg.scaling.actors),
-            num_cpus=cfg.scaling.cpus_per_actor, num_gpus=cfg.scaling.gpus_per_actor,
+            num_cpus=cfg.scaling.cpus_per_actor,
+            num_gpus=cfg.scaling.gpus_per_actor,
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             totals["ok"] += int((batch["status"] == "ok").sum())
             totals["failed_this_run"] += int((batch["status"] == "failed").sum())
-            for key in ("dropped_empty", "dropped_duplicate", "dropped_no_tokens", "resampled",
-                        *USAGE_FIELDS):
+            for key in (
+                "dropped_empty",
+                "dropped_duplicate",
+                "dropped_no_tokens",
+                "resampled",
+                *USAGE_FIELDS,
+            ):
                 totals[key] += float(batch[key].sum())
     path, ranked, failed = parts.consolidate(cfg.output_dir, "ranked", order)
     report = {
-        "stage": "rank_probabilistic", "config_hash": digest, "output": path,
-        "input": {"path": cfg.input.path, "read": read.num_read, "used": len(records),
-                  "skipped": dict(read.skipped),
-                  "skipped_examples": [str(e) for e in read.errors[:20]]},
-        "counts": {"ranked": len(ranked), "failed": len(failed), "done_before": len(done),
-                   "failure_reasons": dict(Counter(f["reason"].split(":")[0] for f in failed))},
-        "samples": {k: int(totals[k]) for k in ("dropped_empty", "dropped_duplicate",
-                                                 "dropped_no_tokens", "resampled")},
+        "stage": "rank_probabilistic",
+        "config_hash": digest,
+        "output": path,
+        "input": {
+            "path": cfg.input.path,
+            "read": read.num_read,
+            "used": len(records),
+            "skipped": dict(read.skipped),
+            "skipped_examples": [str(e) for e in read.errors[:20]],
+        },
+        "counts": {
+            "ranked": len(ranked),
+            "failed": len(failed),
+            "done_before": len(done),
+            "failure_reasons": dict(Counter(f["reason"].split(":")[0] for f in failed)),
+        },
+        "samples": {
+            k: int(totals[k])
+            for k in ("dropped_empty", "dropped_duplicate", "dropped_no_tokens", "resampled")
+        },
         "usage_this_run": {k: totals[k] for k in USAGE_FIELDS},
         "wall_time_s": round(time.time() - started, 1),
     }

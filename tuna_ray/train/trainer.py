@@ -42,9 +42,11 @@ def plan_steps(
 
 
 # Fields that change how a run is operated, not what it computes: a rerun may change them.
-_OPERATIONAL = {"train": {"fail_at_step", "fail_rank", "log_every", "checkpoint_every",
-                          "keep_checkpoints"},
-                "scaling": {"max_failures", "cpus_per_worker"}, "run": True}
+_OPERATIONAL = {
+    "train": {"fail_at_step", "fail_rank", "log_every", "checkpoint_every", "keep_checkpoints"},
+    "scaling": {"max_failures", "cpus_per_worker"},
+    "run": True,
+}
 
 
 def result_hash(cfg: TrainJobConfig) -> str:
@@ -68,7 +70,8 @@ def _check_run_dir(run_dir: str, digest: str) -> dict | None:
     if previous != digest:
         raise ValueError(
             f"{run_dir} holds a run with a different training config (hash {previous}, now "
-            f"{digest}); its checkpoints would not fit. Use another run.name or delete it.")
+            f"{digest}); its checkpoints would not fit. Use another run.name or delete it."
+        )
     report = storage.join(run_dir, "train_report.json")
     return storage.read_json(report) if storage.exists(report) else None
 
