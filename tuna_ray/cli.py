@@ -27,9 +27,15 @@ def _train(cfg) -> dict:
 
 
 def _rank_probabilistic(cfg) -> dict:
-    from tuna_ray.ranking.stage import run_probabilistic
+    from tuna_ray.ranking.probabilistic_stage import run_probabilistic
 
     return run_probabilistic(cfg)
+
+
+def _sample(cfg) -> dict:
+    from tuna_ray.ranking.sampling_stage import run_sampling
+
+    return run_sampling(cfg)
 
 
 def _stages() -> dict[str, tuple[str, str, Callable]]:
@@ -40,6 +46,8 @@ def _stages() -> dict[str, tuple[str, str, Callable]]:
             "TrainJobConfig",
             _train,
         ),
+        "sample": ("the student samples N diverse answers per instruction",
+                   "SamplingStageConfig", _sample),
         "rank-probabilistic": (
             "teacher samples N answers, ranked by mean token log-prob",
             "ProbabilisticStageConfig",

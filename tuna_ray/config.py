@@ -150,6 +150,23 @@ class ProbabilisticStageConfig(_Strict):
     scaling: StageScalingConfig = StageScalingConfig()
 
 
+class SamplingStageConfig(_Strict):
+    """Student sampling: N answers per instruction under the ROUGE-L diversity rule."""
+
+    input: DataConfig
+    output_dir: str
+    engine: EngineConfig
+    # Reference defaults for student sampling (METHOD.md): temperature 1.0, top_p 1.0, 512 tokens.
+    sampling: SamplingParams = SamplingParams(n=4, temperature=1.0, top_p=1.0, max_tokens=512,
+                                              seed=0)
+    template: Literal["alpaca", "chat"] = "alpaca"
+    system_prompt: str | None = None
+    diversity_threshold: float = Field(default=0.8, gt=0, le=1)
+    max_trials: int = Field(default=3, ge=1)
+    temperature_step: float = Field(default=0.1, ge=0)
+    scaling: StageScalingConfig = StageScalingConfig()
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None, model=TrainJobConfig):
     """Load YAML ``path``, apply dotted ``key=value`` overrides, validate into ``model``."""
     from omegaconf import OmegaConf

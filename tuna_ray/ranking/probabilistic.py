@@ -1,6 +1,6 @@
 """Probabilistic ranking, pure core: rank a teacher's samples by their mean token log-prob.
 
-Stage: ranking (no Ray here; the Ray Data shell is ``tuna_ray.ranking.stage``). For one
+Stage: ranking (no Ray here; the Ray Data shell is ``tuna_ray.ranking.probabilistic_stage``). For one
 instruction the teacher sampled N answers with the log-prob of every sampled token (METHOD.md,
 "Probabilistic ranking"). Each answer's score is its mean token log-prob under the teacher,
 

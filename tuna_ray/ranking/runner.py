@@ -1,0 +1,121 @@
+"""The shared Ray Data shell of the generation stages (sampling, probabilistic, contextual).
+
+``run_stage`` is the driver of one stage: skip it when its manifest has the same config hash;
+otherwise send the records without a result yet through an actor pool of the stage's UDF,
+count the per-row summaries the UDF returns, consolidate the parts into ``<output>.parquet`` +
+``failures.jsonl`` and write the manifest (tuna_ray.data.parts). Each UDF batch writes its
+own part before returning, so a crash loses at most the batches in flight.
+
+Every UDF returns at least the columns ``id``, ``status`` ("ok" | "failed" | "excluded"),
+``reason``; plus the stage's own count columns and the engine usage deltas (USAGE_FIELDS), which
+``usage_summary`` puts on the first row of a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from tuna_ray.config import config_hash
+from tuna_ray.data import parts
+from tuna_ray.data.templates import render_prompt
+from tuna_ray.engines.base import Prompt
+
+log = logging.getLogger(__name__)
+USAGE_FIELDS = ("requests", "cached", "prompt_tokens", "completion_tokens", "cost_usd", "retries")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str  # report name, e.g. "rank_probabilistic"
+    output: str  # consolidated file name, e.g. "ranked"
+    udf: type  # Ray Data UDF class, constructed with ``config_json``
+    count_fields: tuple[str, ...] = ()  # summary columns summed into the report
+
+
+def build_prompt(record: dict, template: str, tokenizer=None, system: str | None = None) -> Prompt:
+    """The request for one instruction: Alpaca text, or chat messages for the chat template."""
+    if template == "alpaca":
+        text = render_prompt(record["instruction"], record.get("input") or "")
+        return Prompt(id=record["id"], text=text, messages=({"role": "user", "content": text},))
+    user = record["instruction"]
+    if (record.get("input") or "").strip():
+        user += "\n\n" + record["input"]
+    messages = ({"role": "system", "content": system},) if system else ()
+    messages += ({"role": "user", "content": user},)
+    text = (
+        render_prompt(
+            record["instruction"],
+            record.get("input") or "",
+            template="chat",
+            tokenizer=tokenizer,
+            system=system,
+        )
+        if tokenizer is not None
+        else None
+    )
+    return Prompt(id=record["id"], text=text, messages=messages)
+
+
+def usage_summary(engine, before, rows: int) -> dict[str, list]:
+    """Usage deltas since ``before`` as columns: the batch total on row 0, zeros after."""
+    after = engine.usage()
+    return {name: [getattr(after, name) - getattr(before, name)] + [0] * (rows - 1)
+            for name in USAGE_FIELDS}
+
+
+def input_report(cfg_input, read, used: int) -> dict:
+    return {"path": cfg_input.path, "read": read.num_read, "used": used,
+            "skipped": dict(read.skipped), "skipped_examples": [str(e) for e in read.errors[:20]]}
+
+
+def finished_manifest(cfg: BaseModel, output_dir: str, force: bool = False) -> tuple[str, dict | None]:
+    """(config hash, the manifest if this stage already finished with this config)."""
+    digest = config_hash(cfg.model_dump(mode="json", exclude={"scaling"}))
+    manifest = parts.read_manifest(output_dir)
+    if manifest is not None and manifest.get("config_hash") == digest and not force:
+        log.info("%s: finished with this config, skipping", output_dir)
+        return digest, manifest
+    return digest, None
+
+
+def run_stage(spec: StageSpec, cfg: BaseModel, records: list[dict], *, digest: str,
+              input_info: dict) -> dict:
+    """Run the stage over ``records`` (resuming by id) and return the written manifest."""
+    import ray.data
+
+    from tuna_ray.ray_setup import ensure_ray
+
+    started = time.time()
+    output_dir, scaling = cfg.output_dir, cfg.scaling
+    order = [r["id"] for r in records]
+    done = parts.finished_ids(output_dir) & set(order)
+    todo = [r for r in records if r["id"] not in done]
+    log.info("%s: %d records, %d done before, %d to do", spec.name, len(records), len(done),
+             len(todo))
+    totals: Counter = Counter()
+    if todo:
+        ensure_ray(scaling.ray_address)
+        ds = ray.data.from_items(todo).map_batches(
+            spec.udf, fn_constructor_kwargs={"config_json": cfg.model_dump_json()},
+            batch_size=scaling.batch_size, compute=ray.data.ActorPoolStrategy(size=scaling.actors),
+            num_cpus=scaling.cpus_per_actor, num_gpus=scaling.gpus_per_actor)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            totals.update(str(s) for s in batch["status"])
+            for key in (*spec.count_fields, *USAGE_FIELDS):
+                totals[key] += float(batch[key].sum())
+    path, written, failed = parts.consolidate(output_dir, spec.output, order)
+    report = {
+        "stage": spec.name, "config_hash": digest, "output": path, "input": input_info,
+        "counts": {spec.output: len(written), "failed": len(failed), "done_before": len(done),
+                   "failure_reasons": dict(Counter(f["reason"].split(":")[0] for f in failed)),
+                   **{k: int(totals[k]) for k in spec.count_fields}},
+        "usage_this_run": {k: totals[k] for k in USAGE_FIELDS},
+        "wall_time_s": round(time.time() - started, 1),
+    }
+    parts.write_manifest(output_dir, report)
+    return report
