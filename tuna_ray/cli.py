@@ -38,6 +38,12 @@ def _sample(cfg) -> dict:
     return run_sampling(cfg)
 
 
+def _rank_contextual(cfg) -> dict:
+    from tuna_ray.ranking.contextual_stage import run_contextual
+
+    return run_contextual(cfg)
+
+
 def _stages() -> dict[str, tuple[str, str, Callable]]:
     """command -> (help, config class name in tuna_ray.config, runner)."""
     return {
@@ -53,6 +59,8 @@ def _stages() -> dict[str, tuple[str, str, Callable]]:
             "ProbabilisticStageConfig",
             _rank_probabilistic,
         ),
+        "rank-contextual": ("a judge LLM ranks each instruction's candidates in one prompt",
+                            "ContextualStageConfig", _rank_contextual),
     }
 
 

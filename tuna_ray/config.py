@@ -40,6 +40,9 @@ class DataConfig(_Strict):
     # "raise": stop at the first bad record (file, line, field named); "skip": count and go on.
     on_error: Literal["raise", "skip"] = "raise"
     limit: int | None = Field(default=None, ge=1, description="use only the first N records")
+    # Identifies the content behind ``path`` (the pipeline sets it to the producing stage's
+    # config hash), so that a changed upstream stage re-runs this one too.
+    fingerprint: str | None = None
 
 
 class OptimConfig(_Strict):
@@ -97,6 +100,8 @@ class RunConfig(_Strict):
     storage_path: str = "./runs"
     # Ray address; None starts (or joins, inside `ray job submit`) a local Ray.
     ray_address: str | None = None
+    # A run dir holding a run of a different config: refuse ("error") or start over ("restart").
+    on_config_change: Literal["error", "restart"] = "error"
 
 
 class TrainJobConfig(_Strict):
@@ -164,6 +169,25 @@ class SamplingStageConfig(_Strict):
     diversity_threshold: float = Field(default=0.8, gt=0, le=1)
     max_trials: int = Field(default=3, ge=1)
     temperature_step: float = Field(default=0.1, ge=0)
+    scaling: StageScalingConfig = StageScalingConfig()
+
+
+class ContextualStageConfig(_Strict):
+    """Contextual ranking: a judge LLM ranks each instruction's N candidates in one prompt."""
+
+    input: DataConfig  # candidates, e.g. the sampling stage's candidates.parquet
+    output_dir: str
+    engine: EngineConfig  # an OpenAI-compatible judge (kind: openai)
+    judge_template: Literal["paper_v1", "json_v1"] = "paper_v1"
+    # Reference judge call (METHOD.md): temperature 1.0, top_p 1.0, max_tokens 2048.
+    judge_sampling: SamplingParams = SamplingParams(n=1, temperature=1.0, top_p=1.0,
+                                                    max_tokens=2048, seed=0)
+    shuffle: bool = Field(default=False, description="shuffle the order shown (seeded)")
+    shuffle_seed: int = 0
+    folds: int = Field(default=1, ge=1, description="judge k orders, aggregate by Borda")
+    include_judge_reference: bool = Field(
+        default=True, description="the judge's own answer joins the ranked candidates")
+    max_parse_retries: int = Field(default=2, ge=0, description="new samples after a bad reply")
     scaling: StageScalingConfig = StageScalingConfig()
 
 

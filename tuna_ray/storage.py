@@ -73,3 +73,10 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
     pafs.copy_files(
         str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
     )
+
+
+def delete_dir(uri: str) -> None:
+    """Remove ``uri`` and everything under it (nothing happens if it does not exist)."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)

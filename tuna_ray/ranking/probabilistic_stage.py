@@ -115,7 +115,7 @@ class TeacherRanker:
         ), None
 
 
-def run_probabilistic(cfg: ProbabilisticStageConfig) -> dict:
+def run_probabilistic(cfg: ProbabilisticStageConfig, endpoints: dict[str, str] | None = None) -> dict:
     """Run (or resume, or skip) the stage; return its report (also written as manifest.json)."""
     from tuna_ray.data.readers import read_instructions
 
@@ -127,7 +127,8 @@ def run_probabilistic(cfg: ProbabilisticStageConfig) -> dict:
                 "reference": r.get("reference") or "", "source": r.get("source") or ""}
                for r in read.records[: cfg.input.limit]]
     return run_stage(PROBABILISTIC, cfg, records, digest=digest,
-                     input_info=input_report(cfg.input, read, len(records)))
+                     input_info=input_report(cfg.input, read, len(records)),
+                     endpoints=endpoints)
 
 
 PROBABILISTIC = StageSpec(

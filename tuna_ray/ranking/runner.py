@@ -14,12 +14,14 @@ Every UDF returns at least the columns ``id``, ``status`` ("ok" | "failed" | "ex
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 from pydantic import BaseModel
 
+from tuna_ray import storage
 from tuna_ray.config import config_hash
 from tuna_ray.data import parts
 from tuna_ray.data.templates import render_prompt
@@ -35,6 +37,7 @@ class StageSpec:
     output: str  # consolidated file name, e.g. "ranked"
     udf: type  # Ray Data UDF class, constructed with ``config_json``
     count_fields: tuple[str, ...] = ()  # summary columns summed into the report
+    mean_fields: tuple[str, ...] = ()  # summary columns averaged (NaN rows left out)
 
 
 def build_prompt(record: dict, template: str, tokenizer=None, system: str | None = None) -> Prompt:
@@ -83,8 +86,39 @@ def finished_manifest(cfg: BaseModel, output_dir: str, force: bool = False) -> t
     return digest, None
 
 
+def claim_output_dir(output_dir: str, digest: str) -> None:
+    """Make ``output_dir`` this config's: results of a different config are removed first.
+
+    Resuming is only sound for the same config; a changed config starts the stage over (its
+    upstream outputs, and the engine's response cache, are untouched).
+    """
+    stamp = storage.join(output_dir, "config_hash.txt")
+    if storage.exists(stamp) and storage.read_text(stamp).strip() != digest:
+        log.warning("%s: config changed, discarding the previous results", output_dir)
+        storage.delete_dir(output_dir)
+    if not storage.exists(stamp):
+        storage.write_text(stamp, digest + "\n")
+
+
+def with_endpoints(cfg: BaseModel, endpoints: dict[str, str] | None) -> BaseModel:
+    """``cfg`` with an ``embedded:<name>`` engine base_url replaced by the running server's.
+
+    Only the copy handed to the workers changes: the stage's config hash keeps the symbolic
+    name, so a rerun with a server on another port still counts as the same config.
+    """
+    engine = getattr(cfg, "engine", None)
+    url = getattr(engine, "base_url", "")
+    if not url.startswith("embedded:"):
+        return cfg
+    name = url.removeprefix("embedded:")
+    if not endpoints or name not in endpoints:
+        raise ValueError(f"engine.base_url={url}: no embedded server {name!r} is running; "
+                         "embedded servers are started by `tuna-ray run` (pipeline servers:)")
+    return cfg.model_copy(update={"engine": engine.model_copy(update={"base_url": endpoints[name]})})
+
+
 def run_stage(spec: StageSpec, cfg: BaseModel, records: list[dict], *, digest: str,
-              input_info: dict) -> dict:
+              input_info: dict, endpoints: dict[str, str] | None = None) -> dict:
     """Run the stage over ``records`` (resuming by id) and return the written manifest."""
     import ray.data
 
@@ -92,28 +126,34 @@ def run_stage(spec: StageSpec, cfg: BaseModel, records: list[dict], *, digest: s
 
     started = time.time()
     output_dir, scaling = cfg.output_dir, cfg.scaling
+    claim_output_dir(output_dir, digest)
     order = [r["id"] for r in records]
     done = parts.finished_ids(output_dir) & set(order)
     todo = [r for r in records if r["id"] not in done]
     log.info("%s: %d records, %d done before, %d to do", spec.name, len(records), len(done),
              len(todo))
     totals: Counter = Counter()
+    means: dict[str, list[float]] = {k: [] for k in spec.mean_fields}
     if todo:
         ensure_ray(scaling.ray_address)
         ds = ray.data.from_items(todo).map_batches(
-            spec.udf, fn_constructor_kwargs={"config_json": cfg.model_dump_json()},
+            spec.udf,
+            fn_constructor_kwargs={"config_json": with_endpoints(cfg, endpoints).model_dump_json()},
             batch_size=scaling.batch_size, compute=ray.data.ActorPoolStrategy(size=scaling.actors),
             num_cpus=scaling.cpus_per_actor, num_gpus=scaling.gpus_per_actor)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             totals.update(str(s) for s in batch["status"])
             for key in (*spec.count_fields, *USAGE_FIELDS):
                 totals[key] += float(batch[key].sum())
+            for key in spec.mean_fields:
+                means[key].extend(float(v) for v in batch[key] if not math.isnan(v))
     path, written, failed = parts.consolidate(output_dir, spec.output, order)
     report = {
         "stage": spec.name, "config_hash": digest, "output": path, "input": input_info,
         "counts": {spec.output: len(written), "failed": len(failed), "done_before": len(done),
                    "failure_reasons": dict(Counter(f["reason"].split(":")[0] for f in failed)),
                    **{k: int(totals[k]) for k in spec.count_fields}},
+        "means_this_run": {k: (sum(v) / len(v) if v else None) for k, v in means.items()},
         "usage_this_run": {k: totals[k] for k in USAGE_FIELDS},
         "wall_time_s": round(time.time() - started, 1),
     }

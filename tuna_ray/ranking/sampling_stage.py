@@ -104,7 +104,7 @@ SAMPLING = StageSpec(name="sample", output="candidates", udf=StudentSampler,
                      count_fields=("trials", "resampled_instructions", "dropped_empty"))
 
 
-def run_sampling(cfg: SamplingStageConfig) -> dict:
+def run_sampling(cfg: SamplingStageConfig, endpoints: dict[str, str] | None = None) -> dict:
     """Run (or resume, or skip) student sampling; return its manifest."""
     from tuna_ray.data.readers import read_instructions
 
@@ -115,4 +115,5 @@ def run_sampling(cfg: SamplingStageConfig) -> dict:
     records = [{"id": r["id"], "instruction": r["instruction"], "input": r.get("input") or "",
                 "source": r.get("source") or ""} for r in read.records[: cfg.input.limit]]
     return run_stage(SAMPLING, cfg, records, digest=digest,
-                     input_info=input_report(cfg.input, read, len(records)))
+                     input_info=input_report(cfg.input, read, len(records)),
+                     endpoints=endpoints)

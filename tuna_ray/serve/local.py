@@ -6,7 +6,10 @@ for its "listening on" line and for ``/v1/models`` to answer, and returns a hand
     with start_local_server("builtin:tiny-llama") as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="unused")
         ...
-        server.stats()  # {"requests": ..., "by_path": {...}, "faults": {...}}
+        server.stats()  # {"requests": ..., "by_path": {...}, "faults": {...}, ...}
+
+    start_local_server(mode="fixed", fixed_delay_s=0.05)   # canned answers, served as "fixed"
+    start_local_server(mode="judge", judge_rule="length")  # scripted judge, served as "judge"
 """
 
 from __future__ import annotations
@@ -92,8 +95,11 @@ class LocalServer:
 
 
 def start_local_server(
-    model: str,
+    model: str | None = None,
     *,
+    mode: str = "model",
+    fixed_delay_s: float = 0.0,
+    judge_rule: str = "length",
     fault_rate: float = 0.0,
     fault_kinds: tuple[str, ...] | list[str] = FAULT_KINDS,
     fault_seed: int = 0,
@@ -102,10 +108,19 @@ def start_local_server(
     timeout: float = 120.0,
     extra_args: tuple[str, ...] = (),
 ) -> LocalServer:
-    """Start a server on 127.0.0.1 at a free port; raise ``LocalServerError`` if it fails."""
+    """Start a server on 127.0.0.1 at a free port; raise ``LocalServerError`` if it fails.
+
+    ``mode``: ``"model"`` (needs ``model``), ``"fixed"`` or ``"judge"`` (``model``, if given, is
+    only the served name); ``fixed_delay_s`` and ``judge_rule`` apply to the scripted modes.
+    """
+    if mode == "model" and model is None:
+        raise ValueError("start_local_server: mode 'model' needs a model")
     command = [
         sys.executable, "-m", "tuna_ray", "serve",
-        "--model", str(model),
+        "--mode", mode,
+        *(("--model", str(model)) if model is not None else ()),
+        *(("--fixed-delay-s", str(fixed_delay_s), "--judge-rule", judge_rule)
+          if mode != "model" else ()),
         "--port", "0",
         "--fault-rate", str(fault_rate),
         "--fault-kinds", ",".join(fault_kinds),

@@ -58,6 +58,7 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: dict[str, Any] | None = None  # {"type": "json_schema", ...}: judge mode
 
     def plain_messages(self) -> tuple[dict, ...]:
         """Messages with string content (content parts are joined), for the chat template."""

@@ -61,12 +61,17 @@ def result_hash(cfg: TrainJobConfig) -> str:
     return config_hash(dumped)
 
 
-def _check_run_dir(run_dir: str, digest: str) -> dict | None:
-    """The finished report if this exact run already finished; refuse a different config."""
+def _check_run_dir(run_dir: str, digest: str, on_change: str) -> dict | None:
+    """The finished report if this exact run already finished; a different config is refused
+    (``on_change="error"``) or its run directory is removed (``"restart"``)."""
     stamp = storage.join(run_dir, "train_config_hash.txt")
     if not storage.exists(stamp):
         return None
     previous = storage.read_text(stamp).strip()
+    if previous != digest and on_change == "restart":
+        log.warning("%s: training config changed, starting this run over", run_dir)
+        storage.delete_dir(run_dir)
+        return None
     if previous != digest:
         raise ValueError(
             f"{run_dir} holds a run with a different training config (hash {previous}, now "
@@ -91,7 +96,7 @@ def run_training(cfg: TrainJobConfig) -> TrainOutcome:
     min_candidates = 1 if tc.mode == "sft" else 2
 
     digest = result_hash(cfg)
-    finished = _check_run_dir(run_dir, digest)
+    finished = _check_run_dir(run_dir, digest, cfg.run.on_config_change)
     if finished is not None:
         log.info("%s already finished with this config: skipping (delete it to retrain)", run_dir)
         return TrainOutcome(run_dir=run_dir, model_dir=finished["model_dir"], report=finished)
