@@ -52,15 +52,21 @@ def _stages() -> dict[str, tuple[str, str, Callable]]:
             "TrainJobConfig",
             _train,
         ),
-        "sample": ("the student samples N diverse answers per instruction",
-                   "SamplingStageConfig", _sample),
+        "sample": (
+            "the student samples N diverse answers per instruction",
+            "SamplingStageConfig",
+            _sample,
+        ),
         "rank-probabilistic": (
             "teacher samples N answers, ranked by mean token log-prob",
             "ProbabilisticStageConfig",
             _rank_probabilistic,
         ),
-        "rank-contextual": ("a judge LLM ranks each instruction's candidates in one prompt",
-                            "ContextualStageConfig", _rank_contextual),
+        "rank-contextual": (
+            "a judge LLM ranks each instruction's candidates in one prompt",
+            "ContextualStageConfig",
+            _rank_contextual,
+        ),
     }
 
 

@@ -162,8 +162,9 @@ class SamplingStageConfig(_Strict):
     output_dir: str
     engine: EngineConfig
     # Reference defaults for student sampling (METHOD.md): temperature 1.0, top_p 1.0, 512 tokens.
-    sampling: SamplingParams = SamplingParams(n=4, temperature=1.0, top_p=1.0, max_tokens=512,
-                                              seed=0)
+    sampling: SamplingParams = SamplingParams(
+        n=4, temperature=1.0, top_p=1.0, max_tokens=512, seed=0
+    )
     template: Literal["alpaca", "chat"] = "alpaca"
     system_prompt: str | None = None
     diversity_threshold: float = Field(default=0.8, gt=0, le=1)
@@ -180,13 +181,15 @@ class ContextualStageConfig(_Strict):
     engine: EngineConfig  # an OpenAI-compatible judge (kind: openai)
     judge_template: Literal["paper_v1", "json_v1"] = "paper_v1"
     # Reference judge call (METHOD.md): temperature 1.0, top_p 1.0, max_tokens 2048.
-    judge_sampling: SamplingParams = SamplingParams(n=1, temperature=1.0, top_p=1.0,
-                                                    max_tokens=2048, seed=0)
+    judge_sampling: SamplingParams = SamplingParams(
+        n=1, temperature=1.0, top_p=1.0, max_tokens=2048, seed=0
+    )
     shuffle: bool = Field(default=False, description="shuffle the order shown (seeded)")
     shuffle_seed: int = 0
     folds: int = Field(default=1, ge=1, description="judge k orders, aggregate by Borda")
     include_judge_reference: bool = Field(
-        default=True, description="the judge's own answer joins the ranked candidates")
+        default=True, description="the judge's own answer joins the ranked candidates"
+    )
     max_parse_retries: int = Field(default=2, ge=0, description="new samples after a bad reply")
     scaling: StageScalingConfig = StageScalingConfig()
 

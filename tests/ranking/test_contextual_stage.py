@@ -13,7 +13,7 @@ from tests.support import assert_ok, run_cli, write_jsonl
 
 pytestmark = pytest.mark.slow
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
 
 
 def _candidates(tmp_path: Path, n: int) -> tuple[Path, list[dict]]:
@@ -23,15 +23,27 @@ def _candidates(tmp_path: Path, n: int) -> tuple[Path, list[dict]]:
         answers = [" ".join(WORDS[: 2 + (i + k) % 4 * 2]) + f" ({i})" for k in range(4)]
         if i % 3 == 0:
             answers[3] = answers[1]
-        records.append({"id": f"c{i}", "instruction": f"Say something about {i}.", "input": "",
-                        "responses": answers})
+        records.append(
+            {
+                "id": f"c{i}",
+                "instruction": f"Say something about {i}.",
+                "input": "",
+                "responses": answers,
+            }
+        )
     return write_jsonl(tmp_path / "candidates.jsonl", records), records
 
 
 def _args(server, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["rank-contextual", "--config", "jobs/configs/rank-contextual-tiny.yaml",
-            f"input.path={data}", f"output_dir={out}", f"engine.base_url={server.base_url}",
-            *extra]
+    return [
+        "rank-contextual",
+        "--config",
+        "jobs/configs/rank-contextual-tiny.yaml",
+        f"input.path={data}",
+        f"output_dir={out}",
+        f"engine.base_url={server.base_url}",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +54,9 @@ def scripted_judge():
         yield s
 
 
-def test_scripted_judge_mapping_under_shuffle_duplicates_reference_and_borda(tmp_path,
-                                                                             scripted_judge):
+def test_scripted_judge_mapping_under_shuffle_duplicates_reference_and_borda(
+    tmp_path, scripted_judge
+):
     data, records = _candidates(tmp_path, 9)
     out = tmp_path / "out"
     assert_ok(run_cli(*_args(scripted_judge, data, out, "shuffle=true", "folds=3")))
@@ -62,8 +75,9 @@ def test_scripted_judge_mapping_under_shuffle_duplicates_reference_and_borda(tmp
         folds = json.loads(got["fold_rankings"])
         # The folds saw different orders; as texts (a duplicate keeps whichever copy was shown
         # first) they rank alike.
-        as_text = {tuple(rec["responses"][int(i)] if i != "reference" else i for i in f)
-                   for f in folds}
+        as_text = {
+            tuple(rec["responses"][int(i)] if i != "reference" else i for i in f) for f in folds
+        }
         assert len(folds) == 3 and len(as_text) == 1
         assert got["scores"] == sorted(got["scores"], reverse=True)  # Borda points
         assert len(json.loads(got["judge_raw"])) == 3
@@ -78,9 +92,17 @@ def test_faults_lose_nothing_and_rerun_makes_no_request(tmp_path, scripted_judge
     scripted_judge.set_faults(0.2, seed=2, slow_seconds=3.0)
     scripted_judge.reset_stats()
     try:
-        proc = run_cli(*_args(scripted_judge, data, out, "engine.timeout_s=1.5",
-                              "engine.max_retries=2", "engine.backoff_base_s=0.05",
-                              f"engine.cache_dir={tmp_path / 'cache'}"))
+        proc = run_cli(
+            *_args(
+                scripted_judge,
+                data,
+                out,
+                "engine.timeout_s=1.5",
+                "engine.max_retries=2",
+                "engine.backoff_base_s=0.05",
+                f"engine.cache_dir={tmp_path / 'cache'}",
+            )
+        )
         faults = scripted_judge.stats()["faults"]
     finally:
         scripted_judge.set_faults(0.0)
@@ -103,19 +125,31 @@ def test_real_small_judge_finishes_and_records_every_failure(tmp_path, smollm2_p
     out = tmp_path / "out"
     # The CPU server answers one request at a time: one in flight, a timeout that fits it.
     with start_local_server(str(smollm2_path), served_model_name="judge") as server:
-        proc = run_cli(*_args(server, data, out, "judge_sampling.max_tokens=64",
-                              "max_parse_retries=1", "scaling.actors=1",
-                              "engine.max_concurrency=1", "engine.timeout_s=300"))
+        proc = run_cli(
+            *_args(
+                server,
+                data,
+                out,
+                "judge_sampling.max_tokens=64",
+                "max_parse_retries=1",
+                "scaling.actors=1",
+                "engine.max_concurrency=1",
+                "engine.timeout_s=300",
+            )
+        )
     assert_ok(proc)
     ranked = pq.read_table(out / "ranked.parquet").to_pylist()
     failed = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
     assert sorted([r["id"] for r in ranked] + [f["id"] for f in failed]) == sorted(
-        r["id"] for r in records)
+        r["id"] for r in records
+    )
     for f in failed:
         if f["reason"].startswith("parse_failed"):
             assert len(f["judge_raw"]) == 2 and all(isinstance(t, str) for t in f["judge_raw"])
     report = json.loads((out / "manifest.json").read_text())
     calls = report["counts"]["judge_calls"]
-    print(f"small-model judge: {len(ranked)}/{len(records)} ranked, "
-          f"{report['counts']['parse_failures']}/{calls} replies unparsable")
+    print(
+        f"small-model judge: {len(ranked)}/{len(records)} ranked, "
+        f"{report['counts']['parse_failures']}/{calls} replies unparsable"
+    )
     assert report["counts"]["api_failures"] == 0 and calls >= len(records)

@@ -17,8 +17,15 @@ pytestmark = pytest.mark.slow
 def test_diversity_rule_is_applied_and_recorded(tmp_path, smollm2_path):
     out = tmp_path / "out"
     # A low threshold makes most instructions resample, so the trial logic really runs.
-    proc = run_cli("sample", "--config", "jobs/configs/sample-smollm2-cpu.yaml", "input.limit=6",
-                   f"output_dir={out}", "sampling.max_tokens=16", "diversity_threshold=0.3")
+    proc = run_cli(
+        "sample",
+        "--config",
+        "jobs/configs/sample-smollm2-cpu.yaml",
+        "input.limit=6",
+        f"output_dir={out}",
+        "sampling.max_tokens=16",
+        "diversity_threshold=0.3",
+    )
     assert_ok(proc)
     records = pq.read_table(out / "candidates.parquet").to_pylist()
     assert len(records) == 6

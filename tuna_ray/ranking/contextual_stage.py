@@ -62,15 +62,33 @@ class JudgeRanker:
         jobs = []
         for r, row in enumerate(rows):
             answers = [str(a) for a in row["responses"]]
-            prompt = (render_prompt(row["instruction"], row["input"] or "")
-                      if row["instruction"] else row["prompt"])
+            prompt = (
+                render_prompt(row["instruction"], row["input"] or "")
+                if row["instruction"]
+                else row["prompt"]
+            )
             for fold in range(cfg.folds):
-                order = judge_order(len(answers), shuffle=cfg.shuffle, seed=cfg.shuffle_seed,
-                                    fold=fold, key=row["id"])
-                messages = render_judge_messages(prompt, [answers[i] for i in order],
-                                                 template=cfg.judge_template)
-                jobs.append({"row": r, "fold": fold, "order": order, "messages": messages,
-                             "raw": [], "reply": None, "error": None})
+                order = judge_order(
+                    len(answers),
+                    shuffle=cfg.shuffle,
+                    seed=cfg.shuffle_seed,
+                    fold=fold,
+                    key=row["id"],
+                )
+                messages = render_judge_messages(
+                    prompt, [answers[i] for i in order], template=cfg.judge_template
+                )
+                jobs.append(
+                    {
+                        "row": r,
+                        "fold": fold,
+                        "order": order,
+                        "messages": messages,
+                        "raw": [],
+                        "reply": None,
+                        "error": None,
+                    }
+                )
         for attempt in range(cfg.max_parse_retries + 1):
             open_jobs = [j for j in jobs if j["reply"] is None and j["error"] is None]
             if not open_jobs:
@@ -83,15 +101,25 @@ class JudgeRanker:
             if record is not None:
                 records.append(record)
             else:
-                failures.append({"id": row["id"], "reason": reason, "stage": "rank_contextual",
-                                 "judge_raw": [raw for j in mine for raw in j["raw"]]})
-            summary.append({
-                "id": row["id"], "status": status, "reason": reason or "",
-                "parse_failures": sum(len(j["raw"]) - (j["reply"] is not None) for j in mine),
-                "api_failures": sum(j["error"] is not None for j in mine),
-                "judge_calls": sum(len(j["raw"]) for j in mine),
-                "fold_agreement": math.nan if agreement is None else agreement,
-            })
+                failures.append(
+                    {
+                        "id": row["id"],
+                        "reason": reason,
+                        "stage": "rank_contextual",
+                        "judge_raw": [raw for j in mine for raw in j["raw"]],
+                    }
+                )
+            summary.append(
+                {
+                    "id": row["id"],
+                    "status": status,
+                    "reason": reason or "",
+                    "parse_failures": sum(len(j["raw"]) - (j["reply"] is not None) for j in mine),
+                    "api_failures": sum(j["error"] is not None for j in mine),
+                    "judge_calls": sum(len(j["raw"]) for j in mine),
+                    "fold_agreement": math.nan if agreement is None else agreement,
+                }
+            )
         parts.write_part(cfg.output_dir, records, failures)
         out = {k: [s[k] for s in summary] for k in summary[0]}
         return {**out, **usage_summary(self.engine, usage_before, len(summary))}
@@ -100,16 +128,19 @@ class JudgeRanker:
         """One judge call per open job (concurrently); a new seed per re-ask and fold."""
         params = self.cfg.judge_sampling
         seed = None if params.seed is None else params.seed + 1000 * attempt
-        prompts = [Prompt(id=f"{j['row']}/{j['fold']}", messages=tuple(j["messages"]))
-                   for j in jobs]
+        prompts = [
+            Prompt(id=f"{j['row']}/{j['fold']}", messages=tuple(j["messages"])) for j in jobs
+        ]
         by_fold: dict[int, list[int]] = {}
         for k, j in enumerate(jobs):
             by_fold.setdefault(j["fold"], []).append(k)
         for fold, ks in by_fold.items():
-            fold_params = params.model_copy(update={
-                "n": 1, "seed": None if seed is None else seed + fold})
-            replies = self.engine.complete_chat([prompts[k] for k in ks], fold_params,
-                                                response_format=self.template.response_format)
+            fold_params = params.model_copy(
+                update={"n": 1, "seed": None if seed is None else seed + fold}
+            )
+            replies = self.engine.complete_chat(
+                [prompts[k] for k in ks], fold_params, response_format=self.template.response_format
+            )
             for k, reply in zip(ks, replies):
                 job = jobs[k]
                 if isinstance(reply, EngineError):
@@ -117,8 +148,9 @@ class JudgeRanker:
                     continue
                 job["raw"].append(reply[0])
                 try:
-                    job["reply"] = parse_judge_reply(reply[0], len(job["order"]),
-                                                     template=self.cfg.judge_template)
+                    job["reply"] = parse_judge_reply(
+                        reply[0], len(job["order"]), template=self.cfg.judge_template
+                    )
                 except ValueError:
                     pass  # re-asked next attempt; the raw reply stays for the audit
 
@@ -127,19 +159,32 @@ class JudgeRanker:
         if any(j["error"] for j in jobs):
             return None, "failed", "api: " + next(j["error"] for j in jobs if j["error"]), None
         if any(j["reply"] is None for j in jobs):
-            return None, "failed", f"parse_failed: no valid ranking in {sum(len(j['raw']) for j in jobs)} replies", None
+            return (
+                None,
+                "failed",
+                f"parse_failed: no valid ranking in {sum(len(j['raw']) for j in jobs)} replies",
+                None,
+            )
         answers = [str(a) for a in row["responses"]]
-        rankings = [_merge_duplicates(map_to_original(j["reply"].ranking, j["order"]), answers)
-                    for j in jobs]
+        rankings = [
+            _merge_duplicates(map_to_original(j["reply"].ranking, j["order"]), answers)
+            for j in jobs
+        ]
         n_items = len(row["responses"]) + 1
         best_first, points = aggregate_folds(rankings, n_items)
-        reference = next((j["reply"].reference_answer for j in jobs if j["reply"].reference_answer),
-                         None)
+        reference = next(
+            (j["reply"].reference_answer for j in jobs if j["reply"].reference_answer), None
+        )
         record = build_contextual_record(
             {**row, "prompt": row["prompt"], "generator": row.get("generator")},
-            answers, best_first, reference_answer=reference,
+            answers,
+            best_first,
+            reference_answer=reference,
             include_judge_reference=self.cfg.include_judge_reference,
-            judge_raw=[j["raw"][-1] for j in jobs], judge=self.engine.name, scores=points)
+            judge_raw=[j["raw"][-1] for j in jobs],
+            judge=self.engine.name,
+            scores=points,
+        )
         agreement = pairwise_agreement(rankings) if len(rankings) > 1 else None
         if record is None:
             return None, "excluded", "excluded: fewer than 2 ranked answers", agreement
@@ -159,9 +204,13 @@ def _merge_duplicates(ranking: list, answers: list[str]) -> list:
     return list(dict.fromkeys(merged))
 
 
-CONTEXTUAL = StageSpec(name="rank_contextual", output="ranked", udf=JudgeRanker,
-                       count_fields=("parse_failures", "api_failures", "judge_calls"),
-                       mean_fields=("fold_agreement",))
+CONTEXTUAL = StageSpec(
+    name="rank_contextual",
+    output="ranked",
+    udf=JudgeRanker,
+    count_fields=("parse_failures", "api_failures", "judge_calls"),
+    mean_fields=("fold_agreement",),
+)
 
 
 def run_contextual(cfg: ContextualStageConfig, endpoints: dict[str, str] | None = None) -> dict:
@@ -172,10 +221,24 @@ def run_contextual(cfg: ContextualStageConfig, endpoints: dict[str, str] | None 
     if finished is not None:
         return finished
     read = read_ranked(cfg.input.path, on_error=cfg.input.on_error, fmt=cfg.input.format)
-    records = [{"id": r["id"], "instruction": r.get("instruction") or "",
-                "input": r.get("input") or "", "prompt": r.get("prompt") or "",
-                "responses": list(r["responses"]), "generator": r.get("generator") or "",
-                "source": r.get("source") or ""} for r in read.records[: cfg.input.limit]]
-    report = run_stage(CONTEXTUAL, cfg, records, digest=digest, endpoints=endpoints,
-                       input_info=input_report(cfg.input, read, len(records)))
+    records = [
+        {
+            "id": r["id"],
+            "instruction": r.get("instruction") or "",
+            "input": r.get("input") or "",
+            "prompt": r.get("prompt") or "",
+            "responses": list(r["responses"]),
+            "generator": r.get("generator") or "",
+            "source": r.get("source") or "",
+        }
+        for r in read.records[: cfg.input.limit]
+    ]
+    report = run_stage(
+        CONTEXTUAL,
+        cfg,
+        records,
+        digest=digest,
+        endpoints=endpoints,
+        input_info=input_report(cfg.input, read, len(records)),
+    )
     return report

@@ -115,7 +115,9 @@ class TeacherRanker:
         ), None
 
 
-def run_probabilistic(cfg: ProbabilisticStageConfig, endpoints: dict[str, str] | None = None) -> dict:
+def run_probabilistic(
+    cfg: ProbabilisticStageConfig, endpoints: dict[str, str] | None = None
+) -> dict:
     """Run (or resume, or skip) the stage; return its report (also written as manifest.json)."""
     from tuna_ray.data.readers import read_instructions
 
@@ -123,14 +125,29 @@ def run_probabilistic(cfg: ProbabilisticStageConfig, endpoints: dict[str, str] |
     if finished is not None:
         return finished
     read = read_instructions(cfg.input.path, on_error=cfg.input.on_error, fmt=cfg.input.format)
-    records = [{"id": r["id"], "instruction": r["instruction"], "input": r.get("input") or "",
-                "reference": r.get("reference") or "", "source": r.get("source") or ""}
-               for r in read.records[: cfg.input.limit]]
-    return run_stage(PROBABILISTIC, cfg, records, digest=digest,
-                     input_info=input_report(cfg.input, read, len(records)),
-                     endpoints=endpoints)
+    records = [
+        {
+            "id": r["id"],
+            "instruction": r["instruction"],
+            "input": r.get("input") or "",
+            "reference": r.get("reference") or "",
+            "source": r.get("source") or "",
+        }
+        for r in read.records[: cfg.input.limit]
+    ]
+    return run_stage(
+        PROBABILISTIC,
+        cfg,
+        records,
+        digest=digest,
+        input_info=input_report(cfg.input, read, len(records)),
+        endpoints=endpoints,
+    )
 
 
 PROBABILISTIC = StageSpec(
-    name="rank_probabilistic", output="ranked", udf=TeacherRanker,
-    count_fields=("dropped_empty", "dropped_duplicate", "dropped_no_tokens", "resampled"))
+    name="rank_probabilistic",
+    output="ranked",
+    udf=TeacherRanker,
+    count_fields=("dropped_empty", "dropped_duplicate", "dropped_no_tokens", "resampled"),
+)

@@ -67,16 +67,25 @@ def build_prompt(record: dict, template: str, tokenizer=None, system: str | None
 def usage_summary(engine, before, rows: int) -> dict[str, list]:
     """Usage deltas since ``before`` as columns: the batch total on row 0, zeros after."""
     after = engine.usage()
-    return {name: [getattr(after, name) - getattr(before, name)] + [0] * (rows - 1)
-            for name in USAGE_FIELDS}
+    return {
+        name: [getattr(after, name) - getattr(before, name)] + [0] * (rows - 1)
+        for name in USAGE_FIELDS
+    }
 
 
 def input_report(cfg_input, read, used: int) -> dict:
-    return {"path": cfg_input.path, "read": read.num_read, "used": used,
-            "skipped": dict(read.skipped), "skipped_examples": [str(e) for e in read.errors[:20]]}
+    return {
+        "path": cfg_input.path,
+        "read": read.num_read,
+        "used": used,
+        "skipped": dict(read.skipped),
+        "skipped_examples": [str(e) for e in read.errors[:20]],
+    }
 
 
-def finished_manifest(cfg: BaseModel, output_dir: str, force: bool = False) -> tuple[str, dict | None]:
+def finished_manifest(
+    cfg: BaseModel, output_dir: str, force: bool = False
+) -> tuple[str, dict | None]:
     """(config hash, the manifest if this stage already finished with this config)."""
     digest = config_hash(cfg.model_dump(mode="json", exclude={"scaling"}))
     manifest = parts.read_manifest(output_dir)
@@ -112,13 +121,24 @@ def with_endpoints(cfg: BaseModel, endpoints: dict[str, str] | None) -> BaseMode
         return cfg
     name = url.removeprefix("embedded:")
     if not endpoints or name not in endpoints:
-        raise ValueError(f"engine.base_url={url}: no embedded server {name!r} is running; "
-                         "embedded servers are started by `tuna-ray run` (pipeline servers:)")
-    return cfg.model_copy(update={"engine": engine.model_copy(update={"base_url": endpoints[name]})})
+        raise ValueError(
+            f"engine.base_url={url}: no embedded server {name!r} is running; "
+            "embedded servers are started by `tuna-ray run` (pipeline servers:)"
+        )
+    return cfg.model_copy(
+        update={"engine": engine.model_copy(update={"base_url": endpoints[name]})}
+    )
 
 
-def run_stage(spec: StageSpec, cfg: BaseModel, records: list[dict], *, digest: str,
-              input_info: dict, endpoints: dict[str, str] | None = None) -> dict:
+def run_stage(
+    spec: StageSpec,
+    cfg: BaseModel,
+    records: list[dict],
+    *,
+    digest: str,
+    input_info: dict,
+    endpoints: dict[str, str] | None = None,
+) -> dict:
     """Run the stage over ``records`` (resuming by id) and return the written manifest."""
     import ray.data
 
@@ -130,8 +150,9 @@ def run_stage(spec: StageSpec, cfg: BaseModel, records: list[dict], *, digest: s
     order = [r["id"] for r in records]
     done = parts.finished_ids(output_dir) & set(order)
     todo = [r for r in records if r["id"] not in done]
-    log.info("%s: %d records, %d done before, %d to do", spec.name, len(records), len(done),
-             len(todo))
+    log.info(
+        "%s: %d records, %d done before, %d to do", spec.name, len(records), len(done), len(todo)
+    )
     totals: Counter = Counter()
     means: dict[str, list[float]] = {k: [] for k in spec.mean_fields}
     if todo:
@@ -139,8 +160,11 @@ def run_stage(spec: StageSpec, cfg: BaseModel, records: list[dict], *, digest: s
         ds = ray.data.from_items(todo).map_batches(
             spec.udf,
             fn_constructor_kwargs={"config_json": with_endpoints(cfg, endpoints).model_dump_json()},
-            batch_size=scaling.batch_size, compute=ray.data.ActorPoolStrategy(size=scaling.actors),
-            num_cpus=scaling.cpus_per_actor, num_gpus=scaling.gpus_per_actor)
+            batch_size=scaling.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=scaling.actors),
+            num_cpus=scaling.cpus_per_actor,
+            num_gpus=scaling.gpus_per_actor,
+        )
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             totals.update(str(s) for s in batch["status"])
             for key in (*spec.count_fields, *USAGE_FIELDS):
@@ -149,10 +173,17 @@ def run_stage(spec: StageSpec, cfg: BaseModel, records: list[dict], *, digest: s
                 means[key].extend(float(v) for v in batch[key] if not math.isnan(v))
     path, written, failed = parts.consolidate(output_dir, spec.output, order)
     report = {
-        "stage": spec.name, "config_hash": digest, "output": path, "input": input_info,
-        "counts": {spec.output: len(written), "failed": len(failed), "done_before": len(done),
-                   "failure_reasons": dict(Counter(f["reason"].split(":")[0] for f in failed)),
-                   **{k: int(totals[k]) for k in spec.count_fields}},
+        "stage": spec.name,
+        "config_hash": digest,
+        "output": path,
+        "input": input_info,
+        "counts": {
+            spec.output: len(written),
+            "failed": len(failed),
+            "done_before": len(done),
+            "failure_reasons": dict(Counter(f["reason"].split(":")[0] for f in failed)),
+            **{k: int(totals[k]) for k in spec.count_fields},
+        },
         "means_this_run": {k: (sum(v) / len(v) if v else None) for k, v in means.items()},
         "usage_this_run": {k: totals[k] for k in USAGE_FIELDS},
         "wall_time_s": round(time.time() - started, 1),

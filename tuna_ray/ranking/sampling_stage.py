@@ -59,9 +59,10 @@ class StudentSampler:
                 break
             temperature = trial_temperature(params.temperature, trial, cfg.temperature_step)
             seed = None if params.seed is None else params.seed + trial
-            results = self.engine.sample([prompts[i] for i in open_],
-                                         params.model_copy(update={"temperature": temperature,
-                                                                   "seed": seed}))
+            results = self.engine.sample(
+                [prompts[i] for i in open_],
+                params.model_copy(update={"temperature": temperature, "seed": seed}),
+            )
             for i, result in zip(open_, results):
                 if isinstance(result, EngineError):
                     errors[i] = result.reason
@@ -77,31 +78,47 @@ class StudentSampler:
                 records.append(self._record(row, prompt, t, kept))
             else:
                 failures.append({"id": row["id"], "reason": reason, "stage": "sample"})
-            summary.append({"id": row["id"], "status": "failed" if reason else "ok",
-                            "reason": reason or "", "trials": t.trials,
-                            "resampled_instructions": int(t.trials > 1),
-                            "dropped_empty": len(t.samples) - len(kept)})
+            summary.append(
+                {
+                    "id": row["id"],
+                    "status": "failed" if reason else "ok",
+                    "reason": reason or "",
+                    "trials": t.trials,
+                    "resampled_instructions": int(t.trials > 1),
+                    "dropped_empty": len(t.samples) - len(kept),
+                }
+            )
         parts.write_part(cfg.output_dir, records, failures)
         out = {k: [s[k] for s in summary] for k in summary[0]}
         return {**out, **usage_summary(self.engine, usage_before, len(summary))}
 
     def _record(self, row, prompt, t: DiversityTracker, kept) -> dict:
         return {
-            "id": row["id"], "instruction": row["instruction"], "input": row["input"],
+            "id": row["id"],
+            "instruction": row["instruction"],
+            "input": row["input"],
             "prompt": prompt.text if prompt.text is not None else prompt.messages[-1]["content"],
             "responses": [s.text for s in kept],
             "logprob_sums": [s.logprob_sum for s in kept],
             "num_tokens": [s.num_tokens for s in kept],
-            "generator": json.dumps({"engine": self.engine.name,
-                                     **self.params.model_dump(mode="json")}, sort_keys=True),
-            "trials": t.trials, "kept_trial": t.kept_trial, "temperatures": t.temperatures,
-            "mean_rouge_l": t.mean_rouge_l, "max_rouge_l": t.max_rouge_l,
+            "generator": json.dumps(
+                {"engine": self.engine.name, **self.params.model_dump(mode="json")}, sort_keys=True
+            ),
+            "trials": t.trials,
+            "kept_trial": t.kept_trial,
+            "temperatures": t.temperatures,
+            "mean_rouge_l": t.mean_rouge_l,
+            "max_rouge_l": t.max_rouge_l,
             "source": row.get("source") or None,
         }
 
 
-SAMPLING = StageSpec(name="sample", output="candidates", udf=StudentSampler,
-                     count_fields=("trials", "resampled_instructions", "dropped_empty"))
+SAMPLING = StageSpec(
+    name="sample",
+    output="candidates",
+    udf=StudentSampler,
+    count_fields=("trials", "resampled_instructions", "dropped_empty"),
+)
 
 
 def run_sampling(cfg: SamplingStageConfig, endpoints: dict[str, str] | None = None) -> dict:
@@ -112,8 +129,20 @@ def run_sampling(cfg: SamplingStageConfig, endpoints: dict[str, str] | None = No
     if finished is not None:
         return finished
     read = read_instructions(cfg.input.path, on_error=cfg.input.on_error, fmt=cfg.input.format)
-    records = [{"id": r["id"], "instruction": r["instruction"], "input": r.get("input") or "",
-                "source": r.get("source") or ""} for r in read.records[: cfg.input.limit]]
-    return run_stage(SAMPLING, cfg, records, digest=digest,
-                     input_info=input_report(cfg.input, read, len(records)),
-                     endpoints=endpoints)
+    records = [
+        {
+            "id": r["id"],
+            "instruction": r["instruction"],
+            "input": r.get("input") or "",
+            "source": r.get("source") or "",
+        }
+        for r in read.records[: cfg.input.limit]
+    ]
+    return run_stage(
+        SAMPLING,
+        cfg,
+        records,
+        digest=digest,
+        input_info=input_report(cfg.input, read, len(records)),
+        endpoints=endpoints,
+    )
