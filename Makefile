@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/tuna-ray train --config jobs/configs/train-demo-cpu.yaml
+	$(VENV)/bin/tuna-ray run --config jobs/configs/demo-cpu.yaml
 
 test: setup
 	$(PY) -m pytest

@@ -44,9 +44,16 @@ def _rank_contextual(cfg) -> dict:
     return run_contextual(cfg)
 
 
+def _run(cfg) -> dict:
+    from tuna_ray.pipeline import run_pipeline
+
+    return run_pipeline(cfg)
+
+
 def _stages() -> dict[str, tuple[str, str, Callable]]:
     """command -> (help, config class name in tuna_ray.config, runner)."""
     return {
+        "run": ("the whole Tuna pipeline, stage after stage (resumable)", "PipelineConfig", _run),
         "train": (
             "finetune with the Tuna loss (or SFT) on Ray Train + DeepSpeed",
             "TrainJobConfig",
@@ -112,13 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     import tuna_ray.config as config_module
+    import tuna_ray.pipeline as pipeline_module
     from tuna_ray.data.records import RecordError
 
     _, config_name, run = _stages()[args.command]
     try:
-        cfg = config_module.load_config(
-            args.config, args.overrides, getattr(config_module, config_name)
-        )
+        model = getattr(config_module, config_name, None) or getattr(pipeline_module, config_name)
+        cfg = config_module.load_config(args.config, args.overrides, model)
         print(json.dumps(run(cfg), indent=2, default=str))
         return 0
     except (ValidationError, RecordError, FileNotFoundError, ValueError) as exc:
