@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import tempfile
 import time
 import uuid
@@ -24,6 +25,7 @@ from tuna_ray import storage
 from tuna_ray.config import TrainJobConfig
 
 CKPT_TAG = "ckpt"
+MAX = dist.ReduceOp.MAX
 
 
 def step_slices(
@@ -66,11 +68,12 @@ def _iter_rows(shard) -> Iterator[dict]:
             }
 
 
-def _all_reduce_sum(values: list[float] | torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(values, dtype=torch.float64)
+def _all_reduce(values, device, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce a small float64 vector across ranks (on ``device``: NCCL needs the GPU)."""
+    t = torch.as_tensor(values, dtype=torch.float64).to(device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+        dist.all_reduce(t, op=op)
+    return t.cpu()
 
 
 def _build_optimizer(model, cfg: TrainJobConfig):
@@ -180,8 +183,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         local = LossNormaliser.sum(
             LossNormaliser.from_batch(b.mask, b.num_tokens, tc.mle_target) for b in batches
         ).padded(n_max - 1)
-        reduced = _all_reduce_sum(
-            torch.cat([local.pairs_per_gap.double(), local.mle_tokens.double()[None]])
+        reduced = _all_reduce(
+            torch.cat([local.pairs_per_gap.double(), local.mle_tokens.double()[None]]), device
         )
         normaliser = LossNormaliser(reduced[:-1].to(device), reduced[-1].to(device))
         sums = torch.zeros(6, dtype=torch.float64)  # total, ranking, mle, right, pairs, tokens
@@ -216,7 +219,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             engine.step()
         for mb in micro_batches:
             segment.setdefault(step + 1, []).extend(row["id"] for row in mb)
-        sums = _all_reduce_sum(sums)
+        sums = _all_reduce(sums, device)
         now = time.perf_counter()
         metrics = {
             "step": step + 1,
@@ -230,7 +233,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "tokens_per_s": sums[5].item() / max(now - t_last, 1e-9),
             "samples_seen": (step + 1) * global_batch,
             "epoch": (step + 1) * global_batch / loop_config["samples_per_epoch"],
+            # Peak memory of the worst rank: host RSS, and GPU memory when on a GPU.
+            "peak_rss_mb": _all_reduce(
+                [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], device, MAX
+            ).item(),
         }
+        if on_gpu:
+            peak = torch.cuda.max_memory_allocated() / 2**20
+            metrics["peak_gpu_mem_mb"] = _all_reduce([peak], device, MAX).item()
         t_last = now
         history.append(metrics)
         _maybe_inject_fault(tc, run_dir, rank, step=step + 1)
