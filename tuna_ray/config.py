@@ -131,19 +131,31 @@ class StageScalingConfig(_Strict):
     ray_address: str | None = None
 
 
-class ProbabilisticStageConfig(_Strict):
-    """Probabilistic ranking: the teacher samples N answers, ranked by mean token log-prob."""
+class EngineStageConfig(_Strict):
+    """What every generation/ranking stage has: records in, a results folder, an engine."""
 
     input: DataConfig
     output_dir: str
     engine: EngineConfig
+    scaling: StageScalingConfig = StageScalingConfig()
+
+
+class SamplingStageBase(EngineStageConfig):
+    """Stages that sample N answers per instruction (teacher or student)."""
+
+    # Reference defaults (METHOD.md, student sampling): temperature 1.0, top_p 1.0, 512 tokens.
     sampling: SamplingParams = SamplingParams(
         n=4, temperature=1.0, top_p=1.0, max_tokens=512, seed=0
     )
     # "alpaca": the paper's prompt as text (chat endpoints get it as the user message);
-    # "chat": the instruction (+ input) as the user message, rendered by the teacher's template.
+    # "chat": the instruction (+ input) as the user message, rendered by the model's template.
     template: Literal["alpaca", "chat"] = "alpaca"
     system_prompt: str | None = None
+
+
+class ProbabilisticStageConfig(SamplingStageBase):
+    """Probabilistic ranking: the teacher samples N answers, ranked by mean token log-prob."""
+
     include_reference: bool = Field(
         default=False, description="re-score the dataset's own answer and rank it too"
     )
@@ -152,33 +164,23 @@ class ProbabilisticStageConfig(_Strict):
     resample_rounds: int = Field(default=2, ge=0)
     min_candidates: int = Field(default=2, ge=2)
     retry_failed: bool = Field(default=False, description="rerun a finished stage's failures")
-    scaling: StageScalingConfig = StageScalingConfig()
 
 
-class SamplingStageConfig(_Strict):
+class SamplingStageConfig(SamplingStageBase):
     """Student sampling: N answers per instruction under the ROUGE-L diversity rule."""
 
-    input: DataConfig
-    output_dir: str
-    engine: EngineConfig
-    # Reference defaults for student sampling (METHOD.md): temperature 1.0, top_p 1.0, 512 tokens.
-    sampling: SamplingParams = SamplingParams(
-        n=4, temperature=1.0, top_p=1.0, max_tokens=512, seed=0
-    )
-    template: Literal["alpaca", "chat"] = "alpaca"
-    system_prompt: str | None = None
     diversity_threshold: float = Field(default=0.8, gt=0, le=1)
     max_trials: int = Field(default=3, ge=1)
     temperature_step: float = Field(default=0.1, ge=0)
-    scaling: StageScalingConfig = StageScalingConfig()
 
 
-class ContextualStageConfig(_Strict):
-    """Contextual ranking: a judge LLM ranks each instruction's N candidates in one prompt."""
+class ContextualStageConfig(EngineStageConfig):
+    """Contextual ranking: a judge LLM ranks each instruction's N candidates in one prompt.
 
-    input: DataConfig  # candidates, e.g. the sampling stage's candidates.parquet
-    output_dir: str
-    engine: EngineConfig  # an OpenAI-compatible judge (kind: openai)
+    ``input``: candidates, e.g. the sampling stage's candidates.parquet; ``engine``: an
+    OpenAI-compatible judge (kind: openai).
+    """
+
     judge_template: Literal["paper_v1", "json_v1"] = "paper_v1"
     # Reference judge call (METHOD.md): temperature 1.0, top_p 1.0, max_tokens 2048.
     judge_sampling: SamplingParams = SamplingParams(
@@ -191,7 +193,6 @@ class ContextualStageConfig(_Strict):
         default=True, description="the judge's own answer joins the ranked candidates"
     )
     max_parse_retries: int = Field(default=2, ge=0, description="new samples after a bad reply")
-    scaling: StageScalingConfig = StageScalingConfig()
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, model=TrainJobConfig):

@@ -22,7 +22,6 @@ import math
 import numpy as np
 
 from tuna_ray.config import ContextualStageConfig
-from tuna_ray.data import parts
 from tuna_ray.data.templates import render_prompt
 from tuna_ray.engines.base import EngineError, Prompt
 from tuna_ray.ranking.contextual import (
@@ -36,22 +35,21 @@ from tuna_ray.ranking.contextual import (
     render_judge_messages,
 )
 from tuna_ray.ranking.runner import (
+    EngineUDF,
     StageSpec,
     finished_manifest,
     input_report,
     run_stage,
-    usage_summary,
 )
 
 
-class JudgeRanker:
+class JudgeRanker(EngineUDF):
     """Ray Data UDF: judge a batch of records (all folds, bounded re-asks), write one part."""
 
-    def __init__(self, config_json: str):
-        from tuna_ray.engines.factory import build_engine
+    config_model = ContextualStageConfig
 
-        self.cfg = ContextualStageConfig.model_validate_json(config_json)
-        self.engine = build_engine(self.cfg.engine)
+    def __init__(self, config_json: str):
+        super().__init__(config_json)
         self.template = load_judge_template(self.cfg.judge_template)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -120,9 +118,7 @@ class JudgeRanker:
                     "fold_agreement": math.nan if agreement is None else agreement,
                 }
             )
-        parts.write_part(cfg.output_dir, records, failures)
-        out = {k: [s[k] for s in summary] for k in summary[0]}
-        return {**out, **usage_summary(self.engine, usage_before, len(summary))}
+        return self.finish(records, failures, summary, usage_before)
 
     def _ask(self, jobs: list[dict], attempt: int) -> None:
         """One judge call per open job (concurrently); a new seed per re-ask and fold."""

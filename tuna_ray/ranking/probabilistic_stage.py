@@ -18,40 +18,33 @@ from collections import Counter
 import numpy as np
 
 from tuna_ray.config import ProbabilisticStageConfig
-from tuna_ray.data import parts
-from tuna_ray.engines.base import EngineError, SamplingParams
+from tuna_ray.engines.base import EngineError
 from tuna_ray.ranking.probabilistic import (
     clean_samples,
     rank_by_teacher_logprob,
     reference_candidate,
 )
 from tuna_ray.ranking.runner import (
+    EngineUDF,
     StageSpec,
     build_prompt,
     finished_manifest,
     input_report,
     run_stage,
-    usage_summary,
 )
 
 
-class TeacherRanker:
+class TeacherRanker(EngineUDF):
     """Ray Data UDF: sample N per instruction from the teacher, rank, write a part."""
 
-    def __init__(self, config_json: str):
-        from tuna_ray.engines.factory import build_engine
-
-        self.cfg = ProbabilisticStageConfig.model_validate_json(config_json)
-        self.engine = build_engine(self.cfg.engine)
-        self.params = SamplingParams(**self.cfg.sampling.model_dump())
-        self.tokenizer = getattr(self.engine, "tokenizer", None)
+    config_model = ProbabilisticStageConfig
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         cfg = self.cfg
         usage_before = self.engine.usage()
         rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["id"]))]
         prompts = [build_prompt(r, cfg.template, self.tokenizer, cfg.system_prompt) for r in rows]
-        first = self.engine.sample(prompts, self.params)
+        first = self.engine.sample(prompts, self.cfg.sampling)
         records, failures, summary = [], [], []
         for row, prompt, result in zip(rows, prompts, first):
             counts: Counter = Counter()
@@ -69,9 +62,7 @@ class TeacherRanker:
                     "resampled": counts["resampled"],
                 }
             )
-        parts.write_part(cfg.output_dir, records, failures)
-        out = {k: [s[k] for s in summary] for k in summary[0]}
-        return {**out, **usage_summary(self.engine, usage_before, len(summary))}
+        return self.finish(records, failures, summary, usage_before)
 
     def _rank_one(self, row, prompt, result, counts: Counter):
         """(ranked record, None) or (None, failure reason)."""
@@ -82,13 +73,17 @@ class TeacherRanker:
         cleaned = clean_samples(result, seen)
         candidates, dropped = cleaned.kept, cleaned.dropped
         for round_ in range(cfg.resample_rounds if cfg.on_bad_sample == "resample" else 0):
-            missing = self.params.n - len(candidates)
+            missing = self.cfg.sampling.n - len(candidates)
             if missing <= 0:
                 break
             counts["resampled"] += missing
-            seed = None if self.params.seed is None else self.params.seed + 1000 * (round_ + 1)
+            seed = (
+                None
+                if self.cfg.sampling.seed is None
+                else self.cfg.sampling.seed + 1000 * (round_ + 1)
+            )
             more = self.engine.sample(
-                [prompt], self.params.model_copy(update={"n": missing, "seed": seed})
+                [prompt], self.cfg.sampling.model_copy(update={"n": missing, "seed": seed})
             )[0]
             if isinstance(more, EngineError):
                 return None, more.reason
@@ -111,7 +106,7 @@ class TeacherRanker:
             )
         text = prompt.text if prompt.text is not None else prompt.messages[-1]["content"]
         return rank_by_teacher_logprob(
-            row, text, candidates, generator=self.engine.name, params=self.params
+            row, text, candidates, generator=self.engine.name, params=self.cfg.sampling
         ), None
 
 

@@ -6,9 +6,9 @@ count the per-row summaries the UDF returns, consolidate the parts into ``<outpu
 ``failures.jsonl`` and write the manifest (tuna_ray.data.parts). Each UDF batch writes its
 own part before returning, so a crash loses at most the batches in flight.
 
-Every UDF returns at least the columns ``id``, ``status`` ("ok" | "failed" | "excluded"),
-``reason``; plus the stage's own count columns and the engine usage deltas (USAGE_FIELDS), which
-``usage_summary`` puts on the first row of a batch.
+Every UDF (an ``EngineUDF``) returns at least the columns ``id``, ``status`` ("ok" | "failed" |
+"excluded"), ``reason``; plus the stage's own count columns and the engine usage deltas
+(USAGE_FIELDS), which ``EngineUDF.finish`` puts on the first row of a batch.
 """
 
 from __future__ import annotations
@@ -64,13 +64,33 @@ def build_prompt(record: dict, template: str, tokenizer=None, system: str | None
     return Prompt(id=record["id"], text=text, messages=messages)
 
 
-def usage_summary(engine, before, rows: int) -> dict[str, list]:
-    """Usage deltas since ``before`` as columns: the batch total on row 0, zeros after."""
-    after = engine.usage()
-    return {
-        name: [getattr(after, name) - getattr(before, name)] + [0] * (rows - 1)
-        for name in USAGE_FIELDS
-    }
+class EngineUDF:
+    """Base of the stages' Ray Data UDFs: the stage config and one engine per actor.
+
+    Subclasses set ``config_model`` and call ``finish`` at the end of ``__call__``.
+    """
+
+    config_model: type[BaseModel]
+
+    def __init__(self, config_json: str):
+        from tuna_ray.engines.factory import build_engine
+
+        self.cfg = self.config_model.model_validate_json(config_json)
+        self.engine = build_engine(self.cfg.engine)
+        self.tokenizer = getattr(self.engine, "tokenizer", None)
+
+    def finish(
+        self, records: list[dict], failures: list[dict], summary: list[dict], usage_before
+    ) -> dict[str, list]:
+        """Write the batch's part; return the summary columns plus the usage deltas (the batch
+        total on row 0, zeros after)."""
+        parts.write_part(self.cfg.output_dir, records, failures)
+        columns = {k: [row[k] for row in summary] for k in summary[0]}
+        after = self.engine.usage()
+        for name in USAGE_FIELDS:
+            delta = getattr(after, name) - getattr(usage_before, name)
+            columns[name] = [delta] + [0] * (len(summary) - 1)
+        return columns
 
 
 def input_report(cfg_input, read, used: int) -> dict:
@@ -148,8 +168,10 @@ def run_stage(
         # tuna_ray.engines.vllm_engine builds the ray.data.llm processor, but the stages'
         # per-instruction logic (resampling, diversity trials, judge re-asks) is not yet wired to
         # it; refuse before any GPU is requested.
-        raise ValueError(f"{spec.name}: engine kind 'vllm' is not wired into the stages yet; use "
-                         "kind 'hf' on GPU actors, or kind 'openai' against a vLLM server")
+        raise ValueError(
+            f"{spec.name}: engine kind 'vllm' is not wired into the stages yet; use "
+            "kind 'hf' on GPU actors, or kind 'openai' against a vLLM server"
+        )
     started = time.time()
     output_dir, scaling = cfg.output_dir, cfg.scaling
     claim_output_dir(output_dir, digest)

@@ -22,32 +22,25 @@ import json
 import numpy as np
 
 from tuna_ray.config import SamplingStageConfig
-from tuna_ray.data import parts
-from tuna_ray.engines.base import EngineError, SamplingParams
+from tuna_ray.engines.base import EngineError
 from tuna_ray.ranking.diversity import DiversityTracker, trial_temperature
 from tuna_ray.ranking.runner import (
+    EngineUDF,
     StageSpec,
     build_prompt,
     finished_manifest,
     input_report,
     run_stage,
-    usage_summary,
 )
 
 
-class StudentSampler:
+class StudentSampler(EngineUDF):
     """Ray Data UDF: diverse samples for a batch of instructions, written as one part."""
 
-    def __init__(self, config_json: str):
-        from tuna_ray.engines.factory import build_engine
-
-        self.cfg = SamplingStageConfig.model_validate_json(config_json)
-        self.engine = build_engine(self.cfg.engine)
-        self.params = SamplingParams(**self.cfg.sampling.model_dump())
-        self.tokenizer = getattr(self.engine, "tokenizer", None)
+    config_model = SamplingStageConfig
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        cfg, params = self.cfg, self.params
+        cfg, params = self.cfg, self.cfg.sampling
         usage_before = self.engine.usage()
         rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["id"]))]
         prompts = [build_prompt(r, cfg.template, self.tokenizer, cfg.system_prompt) for r in rows]
@@ -88,9 +81,7 @@ class StudentSampler:
                     "dropped_empty": len(t.samples) - len(kept),
                 }
             )
-        parts.write_part(cfg.output_dir, records, failures)
-        out = {k: [s[k] for s in summary] for k in summary[0]}
-        return {**out, **usage_summary(self.engine, usage_before, len(summary))}
+        return self.finish(records, failures, summary, usage_before)
 
     def _record(self, row, prompt, t: DiversityTracker, kept) -> dict:
         return {
@@ -102,7 +93,8 @@ class StudentSampler:
             "logprob_sums": [s.logprob_sum for s in kept],
             "num_tokens": [s.num_tokens for s in kept],
             "generator": json.dumps(
-                {"engine": self.engine.name, **self.params.model_dump(mode="json")}, sort_keys=True
+                {"engine": self.engine.name, **self.cfg.sampling.model_dump(mode="json")},
+                sort_keys=True,
             ),
             "trials": t.trials,
             "kept_trial": t.kept_trial,
