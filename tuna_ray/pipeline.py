@@ -37,7 +37,6 @@ from tuna_ray.config import (
     TrainConfig,
     TrainJobConfig,
     _Strict,
-    config_hash,
 )
 
 log = logging.getLogger(__name__)
@@ -89,7 +88,9 @@ def _digest(kind: str, cfg) -> str:
         from tuna_ray.train.trainer import result_hash
 
         return result_hash(cfg)
-    return config_hash(cfg.model_dump(mode="json", exclude={"scaling"}))
+    from tuna_ray.ranking.runner import stage_digest
+
+    return stage_digest(cfg)
 
 
 def plan(cfg: PipelineConfig) -> list[Stage]:

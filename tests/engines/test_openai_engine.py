@@ -8,7 +8,6 @@ missing log-probs) come from the server, never from patching our code.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import math
@@ -68,8 +67,9 @@ def test_limiter_bounds_real_rate():
         return await asyncio.gather(*(one() for _ in range(11)))
 
     stamps = sorted(asyncio.run(burst()))
+    # A late wake-up can bunch two observed stamps together, but no start comes early: the
+    # span of 11 starts is at least 10 intervals (exact spacing: the fake-clock test).
     assert stamps[-1] - stamps[0] >= 10 / 50 - 0.01
-    assert min(b - a for a, b in itertools.pairwise(stamps)) >= 0.02 - 0.005
 
 
 def test_backoff_full_jitter_bounds():

@@ -103,11 +103,37 @@ def input_report(cfg_input, read, used: int) -> dict:
     }
 
 
+# Fields that change how a stage runs, not what it produces: changing them keeps the results.
+OPERATIONAL = {
+    "scaling": True,
+    "retry_failed": True,
+    "engine": {
+        "api_key_env",
+        "max_concurrency",
+        "qps",
+        "timeout_s",
+        "max_retries",
+        "backoff_base_s",
+        "backoff_max_s",
+        "cache_dir",
+        "price_per_1m_input",
+        "price_per_1m_output",
+        "replicas",
+        "batch_size",
+    },
+}
+
+
+def stage_digest(cfg: BaseModel) -> str:
+    """Hash of everything in a stage config that determines its results."""
+    return config_hash(cfg.model_dump(mode="json", exclude=OPERATIONAL))
+
+
 def finished_manifest(
     cfg: BaseModel, output_dir: str, force: bool = False
 ) -> tuple[str, dict | None]:
     """(config hash, the manifest if this stage already finished with this config)."""
-    digest = config_hash(cfg.model_dump(mode="json", exclude={"scaling"}))
+    digest = stage_digest(cfg)
     manifest = parts.read_manifest(output_dir)
     if manifest is not None and manifest.get("config_hash") == digest and not force:
         log.info("%s: finished with this config, skipping", output_dir)
