@@ -112,6 +112,10 @@ def test_faults_lose_nothing_and_rerun_makes_no_request(tmp_path, scripted_judge
     failed = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
     ids = [r["id"] for r in ranked] + [f["id"] for f in failed]
     assert sorted(ids) == sorted(r["id"] for r in records)  # none lost, none twice
+    print(
+        f"injected {faults}; ranked {len(ranked)}, failed {len(failed)}: "
+        f"{sorted(f['reason'] for f in failed)}"
+    )
     assert all(f["reason"].startswith(("api:", "parse_failed")) for f in failed)
     scripted_judge.reset_stats()
     assert_ok(run_cli(*_args(scripted_judge, data, out, f"engine.cache_dir={tmp_path / 'cache'}")))

@@ -81,6 +81,10 @@ def test_faults_of_every_kind_lose_nothing_and_rerun_is_free(tmp_path, tiny_serv
     ranked, failed = _ranked(out), _failures(out)
     ids = [r["id"] for r in ranked] + [f["id"] for f in failed]
     assert len(ids) == len(set(ids)) == 60  # none lost, none duplicated
+    print(
+        f"injected {faults}; ranked {len(ranked)}, failed {len(failed)}: "
+        f"{sorted(f['reason'] for f in failed)}"
+    )
     assert all(f["reason"] for f in failed)
     report = json.loads((out / "manifest.json").read_text())
     assert report["counts"]["ranked"] == len(ranked) and report["counts"]["failed"] == len(failed)
