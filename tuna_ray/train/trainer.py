@@ -51,14 +51,7 @@ _OPERATIONAL = {
 
 def result_hash(cfg: TrainJobConfig) -> str:
     """Hash of everything that determines the trained weights (see ``_OPERATIONAL``)."""
-    dumped = cfg.model_dump(mode="json")
-    for section, fields in _OPERATIONAL.items():
-        if fields is True:
-            dumped.pop(section)
-        else:
-            for f in fields:
-                dumped[section].pop(f)
-    return config_hash(dumped)
+    return config_hash(cfg.model_dump(mode="json", exclude=_OPERATIONAL))
 
 
 def _check_run_dir(run_dir: str, digest: str, on_change: str) -> dict | None:
