@@ -37,9 +37,7 @@ from tuna_ray.ranking.contextual import (
 from tuna_ray.ranking.runner import (
     EngineUDF,
     StageSpec,
-    finished_manifest,
-    input_report,
-    run_stage,
+    run_from_config,
 )
 
 
@@ -213,28 +211,13 @@ def run_contextual(cfg: ContextualStageConfig, endpoints: dict[str, str] | None 
     """Run (or resume, or skip) contextual ranking; return its manifest."""
     from tuna_ray.data.readers import read_ranked
 
-    digest, finished = finished_manifest(cfg, cfg.output_dir)
-    if finished is not None:
-        return finished
-    read = read_ranked(cfg.input.path, on_error=cfg.input.on_error, fmt=cfg.input.format)
-    records = [
-        {
-            "id": r["id"],
-            "instruction": r.get("instruction") or "",
-            "input": r.get("input") or "",
-            "prompt": r.get("prompt") or "",
-            "responses": list(r["responses"]),
-            "generator": r.get("generator") or "",
-            "source": r.get("source") or "",
-        }
-        for r in read.records[: cfg.input.limit]
-    ]
-    report = run_stage(
-        CONTEXTUAL,
-        cfg,
-        records,
-        digest=digest,
-        endpoints=endpoints,
-        input_info=input_report(cfg.input, read, len(records)),
-    )
-    return report
+    columns = {
+        "id": None,
+        "instruction": "",
+        "input": "",
+        "prompt": "",
+        "responses": None,
+        "generator": "",
+        "source": "",
+    }
+    return run_from_config(CONTEXTUAL, cfg, read_ranked, columns, endpoints=endpoints)

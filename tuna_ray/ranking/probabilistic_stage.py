@@ -28,9 +28,7 @@ from tuna_ray.ranking.runner import (
     EngineUDF,
     StageSpec,
     build_prompt,
-    finished_manifest,
-    input_report,
-    run_stage,
+    run_from_config,
 )
 
 
@@ -116,27 +114,9 @@ def run_probabilistic(
     """Run (or resume, or skip) the stage; return its report (also written as manifest.json)."""
     from tuna_ray.data.readers import read_instructions
 
-    digest, finished = finished_manifest(cfg, cfg.output_dir, force=cfg.retry_failed)
-    if finished is not None:
-        return finished
-    read = read_instructions(cfg.input.path, on_error=cfg.input.on_error, fmt=cfg.input.format)
-    records = [
-        {
-            "id": r["id"],
-            "instruction": r["instruction"],
-            "input": r.get("input") or "",
-            "reference": r.get("reference") or "",
-            "source": r.get("source") or "",
-        }
-        for r in read.records[: cfg.input.limit]
-    ]
-    return run_stage(
-        PROBABILISTIC,
-        cfg,
-        records,
-        digest=digest,
-        input_info=input_report(cfg.input, read, len(records)),
-        endpoints=endpoints,
+    columns = {"id": None, "instruction": None, "input": "", "reference": "", "source": ""}
+    return run_from_config(
+        PROBABILISTIC, cfg, read_instructions, columns, endpoints=endpoints, force=cfg.retry_failed
     )
 
 

@@ -244,3 +244,32 @@ def run_stage(
     }
     parts.write_manifest(output_dir, report)
     return report
+
+
+def run_from_config(
+    spec: StageSpec,
+    cfg: BaseModel,
+    read,
+    columns: dict[str, object],
+    *,
+    endpoints: dict[str, str] | None = None,
+    force: bool = False,
+) -> dict:
+    """Skip a finished stage, else read ``cfg.input`` with ``read`` (a tuna_ray.data.readers
+    function), keep ``columns`` (missing or null -> the given default) and ``run_stage``."""
+    digest, finished = finished_manifest(cfg, cfg.output_dir, force=force)
+    if finished is not None:
+        return finished
+    result = read(cfg.input.path, on_error=cfg.input.on_error, fmt=cfg.input.format)
+    records = [
+        {k: default if r.get(k) is None else r[k] for k, default in columns.items()}
+        for r in result.records[: cfg.input.limit]
+    ]
+    return run_stage(
+        spec,
+        cfg,
+        records,
+        digest=digest,
+        endpoints=endpoints,
+        input_info=input_report(cfg.input, result, len(records)),
+    )

@@ -28,9 +28,7 @@ from tuna_ray.ranking.runner import (
     EngineUDF,
     StageSpec,
     build_prompt,
-    finished_manifest,
-    input_report,
-    run_stage,
+    run_from_config,
 )
 
 
@@ -117,24 +115,5 @@ def run_sampling(cfg: SamplingStageConfig, endpoints: dict[str, str] | None = No
     """Run (or resume, or skip) student sampling; return its manifest."""
     from tuna_ray.data.readers import read_instructions
 
-    digest, finished = finished_manifest(cfg, cfg.output_dir)
-    if finished is not None:
-        return finished
-    read = read_instructions(cfg.input.path, on_error=cfg.input.on_error, fmt=cfg.input.format)
-    records = [
-        {
-            "id": r["id"],
-            "instruction": r["instruction"],
-            "input": r.get("input") or "",
-            "source": r.get("source") or "",
-        }
-        for r in read.records[: cfg.input.limit]
-    ]
-    return run_stage(
-        SAMPLING,
-        cfg,
-        records,
-        digest=digest,
-        input_info=input_report(cfg.input, read, len(records)),
-        endpoints=endpoints,
-    )
+    columns = {"id": None, "instruction": None, "input": "", "source": ""}
+    return run_from_config(SAMPLING, cfg, read_instructions, columns, endpoints=endpoints)
