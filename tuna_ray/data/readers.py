@@ -7,7 +7,10 @@ dropped without being counted in ``ReadResult.skipped``.
 Where a problem is reported: JSON lines by 1-based *line* (blank lines count as lines but hold
 no record; a line with bad UTF-8 or bad JSON is reported on its own); JSON arrays, Parquet and
 HF datasets by 1-based *row*. A JSON array that does not parse, or a file that is not UTF-8,
-is one error for the whole file and always raises.
+is one error for the whole file and always raises; so is a missing file, and a Parquet file
+without the text column (``instruction``; for ranked records ``instruction`` or ``prompt``).
+JSON, JSON lines and Parquet may also live at a pyarrow URI (``s3://``, ``gs://``), where the
+pipeline's stages write them.
 
 Input shapes accepted besides the native schema:
 - Alpaca (``instruction, input, output``): ``output`` is the ``reference`` of an instruction
@@ -32,6 +35,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from tuna_ray import storage
 from tuna_ray.data.records import (
     DEFAULT_MIN_RESPONSES,
     InstructionRecord,
@@ -58,6 +62,23 @@ class ReadResult:
     @property
     def num_skipped(self) -> int:
         return sum(self.skipped.values())
+
+
+class NoRecordsError(ValueError):
+    """A stage has nothing to work on, or produced nothing; names the stage and why."""
+
+
+def require_records(records: list, read: ReadResult, path: str, stage: str) -> None:
+    """Raise ``NoRecordsError`` when ``records`` (what ``stage`` kept of ``read``) is empty:
+    an empty or fully skipped input is an error, never an empty success."""
+    if records:
+        return
+    if read.num_read == 0:
+        why = f"{path} holds no records"
+    else:
+        first = f"; first: {read.errors[0]}" if read.errors else ""
+        why = f"all {read.num_read} records of {path} were skipped ({read.skipped}{first})"
+    raise NoRecordsError(f"{stage}: nothing to do: {why}")
 
 
 def derive_id(instruction: str, input: str = "") -> str:
@@ -89,7 +110,7 @@ def _detect_format(path: str, fmt: str) -> str:
 
 def _jsonl_items(path: str) -> Iterator[tuple[int, Any]]:
     """(line number, parsed object or RecordError) per non-blank line."""
-    data = Path(path).read_bytes()
+    data = storage.read_bytes(path)
     for number, raw in enumerate(data.split(b"\n"), start=1):
         try:
             text = raw.decode("utf-8")
@@ -123,7 +144,7 @@ def _jsonl_items(path: str) -> Iterator[tuple[int, Any]]:
 
 
 def _json_items(path: str) -> Iterator[tuple[int, Any]]:
-    data = Path(path).read_bytes()
+    data = storage.read_bytes(path)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -148,10 +169,23 @@ def _json_items(path: str) -> Iterator[tuple[int, Any]]:
     yield from enumerate(items, start=1)
 
 
-def _parquet_items(path: str) -> Iterator[tuple[int, Any]]:
+def _parquet_items(path: str, kind: str) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(path)))
+    # A file without the text column fails as a whole, naming the column it lacks (row by
+    # row it would read as "id missing": ids are derived from that text).
+    needed = ("instruction",) if kind == "instruction" else ("instruction", "prompt")
+    if table.num_rows and not any(c in table.column_names for c in needed):
+        raise RecordError(
+            f"has no {' or '.join(repr(c) for c in needed)} column "
+            f"(columns: {', '.join(table.column_names) or 'none'})",
+            path=path,
+            field=needed[0],
+            kind="missing_field",
+        )
+    yield from enumerate(table.to_pylist(), start=1)
 
 
 def _hf_items(path: str) -> Iterator[tuple[int, Any]]:
@@ -175,10 +209,10 @@ def _hf_items(path: str) -> Iterator[tuple[int, Any]]:
 
 
 _ITEM_READERS = {
-    "jsonl": _jsonl_items,
-    "json": _json_items,
+    "jsonl": lambda path, kind: _jsonl_items(path),
+    "json": lambda path, kind: _json_items(path),
     "parquet": _parquet_items,
-    "hf": _hf_items,
+    "hf": lambda path, kind: _hf_items(path),
 }
 
 
@@ -236,6 +270,8 @@ def _with_id(item: dict) -> dict:
             text = item.get("prompt")
         if isinstance(text, str):
             item["id"] = derive_id(text, item.get("input") or "")
+        elif text is None:  # the id would come from the text: name what is really missing
+            raise RecordError("is required but missing", field="instruction", kind="missing_field")
     return item
 
 
@@ -251,6 +287,8 @@ def _read(
     fmt = _detect_format(path, fmt)
     if fmt not in _ITEM_READERS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {sorted(_ITEM_READERS)}")
+    if fmt != "hf" and not storage.exists(path):
+        raise FileNotFoundError(f"cannot read {path}: no such file")
     unit = "line" if fmt == "jsonl" else "row"
     model = InstructionRecord if kind == "instruction" else RankedRecord
     shape = _instruction_fields if kind == "instruction" else _ranked_fields
@@ -259,7 +297,7 @@ def _read(
     skipped: Counter[str] = Counter()
     first_seen: dict[str, int] = {}
 
-    for number, raw in _ITEM_READERS[fmt](path):
+    for number, raw in _ITEM_READERS[fmt](path, kind):
         result.num_read += 1
         try:
             result.records.append(_validate(raw, model, shape, context, first_seen, number, unit))
