@@ -2,6 +2,7 @@
 
 tuna-ray train --config jobs/configs/train-demo-cpu.yaml [dotted.key=value ...]
 tuna-ray rank-probabilistic --config jobs/configs/<name>.yaml [key=value ...]
+tuna-ray eval --config jobs/configs/eval-<name>.yaml [key=value ...]
 tuna-ray serve --model builtin:smollm2-135m-instruct [--port 0]
 tuna-ray prepare-model smollm2-135m-instruct      # convert/cache a builtin model
 """
@@ -9,6 +10,7 @@ tuna-ray prepare-model smollm2-135m-instruct      # convert/cache a builtin mode
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -50,8 +52,14 @@ def _run(cfg) -> dict:
     return run_pipeline(cfg)
 
 
+def _eval(cfg) -> dict:
+    from tuna_ray.eval import run_eval
+
+    return run_eval(cfg)
+
+
 def _stages() -> dict[str, tuple[str, str, Callable]]:
-    """command -> (help, config class name in tuna_ray.config, runner)."""
+    """command -> (help, config class name in tuna_ray.config, or "module:Class", runner)."""
     return {
         "run": ("the whole Tuna pipeline, stage after stage (resumable)", "PipelineConfig", _run),
         "train": (
@@ -73,6 +81,11 @@ def _stages() -> dict[str, tuple[str, str, Callable]]:
             "a judge LLM ranks each instruction's candidates in one prompt",
             "ContextualStageConfig",
             _rank_contextual,
+        ),
+        "eval": (
+            "evaluate models: pairwise judge, Super-NI ROUGE-L, ranking agreement",
+            "tuna_ray.eval.config:EvalConfig",
+            _eval,
         ),
     }
 
@@ -121,15 +134,40 @@ def main(argv: list[str] | None = None) -> int:
     import tuna_ray.config as config_module
     import tuna_ray.pipeline as pipeline_module
     from tuna_ray.data.records import RecordError
+    from tuna_ray.lease import LeaseHeldError, LeaseLostError
+    from tuna_ray.ranking.runner import TooManyFailuresError
+    from tuna_ray.storage import StorageError
 
     _, config_name, run = _stages()[args.command]
     try:
-        model = getattr(config_module, config_name, None) or getattr(pipeline_module, config_name)
+        if ":" in config_name:  # "package.module:Class": a config that lives with its stage
+            module_name, _, class_name = config_name.partition(":")
+            model = getattr(importlib.import_module(module_name), class_name)
+        else:
+            model = getattr(config_module, config_name, None) or getattr(
+                pipeline_module, config_name
+            )
         cfg = config_module.load_config(args.config, args.overrides, model)
         print(json.dumps(run(cfg), indent=2, default=str))
         return 0
-    except (ValidationError, RecordError, FileNotFoundError, ValueError) as exc:
-        # Bad config or bad data: a clear message, not a traceback from deep inside Ray.
+    except TooManyFailuresError as exc:
+        # Results and manifest are written; the same command again retries only the failures.
+        if args.verbose:
+            raise
+        print(f"tuna-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 3
+    except (
+        ValidationError,
+        RecordError,
+        FileNotFoundError,
+        ValueError,
+        StorageError,
+        LeaseHeldError,
+        LeaseLostError,
+        pipeline_module.StageFailedError,
+    ) as exc:
+        # Bad config, bad data, unwritable storage, another run holding the output: a clear
+        # message, not a traceback from deep inside Ray.
         if args.verbose:
             raise
         print(f"tuna-ray {args.command}: error: {exc}", file=sys.stderr)

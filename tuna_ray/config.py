@@ -18,8 +18,36 @@ from tuna_ray.engines.base import SamplingParams
 from tuna_ray.engines.factory import EngineConfig
 
 
+def _merge(default: dict, given: dict) -> dict:
+    """``given`` over ``default``, recursively for nested sections."""
+    out = dict(default)
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 class _Strict(BaseModel):
+    """Config base: unknown keys are errors, and a section given in part keeps the defaults
+    of the keys it leaves out -- including a field's own default section, such as the
+    contextual phase's learning rate of 1e-6 (``train_c: {epochs: 1}`` must not reset it to
+    the class default)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_sections_keep_defaults(cls, data):
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            given, default = out.get(name), field.default
+            if isinstance(given, dict) and isinstance(default, BaseModel):
+                out[name] = _merge(default.model_dump(), given)
+        return out
 
 
 class ModelConfig(_Strict):
@@ -52,7 +80,8 @@ class OptimConfig(_Strict):
     eps: float = 1e-8
     warmup_steps: int = 2
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float = 1.0
+    # None: no clipping, as the reference (its DeepSpeed config has no gradient_clipping key).
+    max_grad_norm: float | None = Field(default=None, gt=0)
 
 
 class TrainConfig(_Strict):
@@ -69,6 +98,13 @@ class TrainConfig(_Strict):
     mle_weight: float = Field(default=1.0, ge=0.0)
     mle_target: Literal["all", "best"] = "all"
     max_candidates: int | None = Field(default=None, ge=1, description="keep the best K")
+    # "packed": each prompt computed once, answers packed without padding (train/packing.py);
+    # "padded": B·N sequences padded to the longest (the formulation of the reference code's
+    # data layout, kept to compare against).
+    formulation: Literal["packed", "padded"] = "packed"
+    pack_row_tokens: int = Field(default=1024, ge=1, description="target packed row length")
+    # Output-head logits computed at once (chunks are recomputed in backward); None: 64 Mi.
+    head_chunk_logits: int | None = Field(default=None, ge=1)
     optim: OptimConfig = OptimConfig()
     zero_stage: Literal[0, 1, 2, 3] = 3
     offload_optimizer: bool = False
@@ -80,7 +116,11 @@ class TrainConfig(_Strict):
     log_every: int = Field(default=1, ge=1)
     checkpoint_every: int = Field(default=200, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
+    # "async": Ray uploads each checkpoint in the background while training goes on.
+    checkpoint_upload: Literal["async", "sync"] = "async"
     export: bool = True
+    # Once the model is exported, the optimizer checkpoints (only needed to resume) are deleted.
+    keep_checkpoints_after_export: bool = False
     # Testing hook: the worker of this rank exits hard at this step, on the first attempt only.
     fail_at_step: int | None = None
     fail_rank: int = 0
@@ -89,8 +129,13 @@ class TrainConfig(_Strict):
 class ScalingConfig(_Strict):
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
+    # Ray's accelerator label (e.g. "A100", "H100"): every worker gets the same kind of GPU, so
+    # a multi-node run never mixes node types (their memory and speed differ).
+    accelerator_type: str | None = None
     cpus_per_worker: float = Field(default=1.0, gt=0)
     max_failures: int = Field(default=2, ge=0)
+    # Tokenisation actors before training; None: as many as the cluster has CPUs (capped at 64).
+    tokenize_actors: int | None = Field(default=None, ge=1)
 
 
 class RunConfig(_Strict):
@@ -138,6 +183,9 @@ class EngineStageConfig(_Strict):
     output_dir: str
     engine: EngineConfig
     scaling: StageScalingConfig = StageScalingConfig()
+    # A run in which more than this share of the records failed (after the engine's retries)
+    # stops with TooManyFailuresError once its results are written; a rerun retries the failures.
+    max_failure_share: float = Field(default=0.05, ge=0.0, le=1.0)
 
 
 class SamplingStageBase(EngineStageConfig):
@@ -154,16 +202,55 @@ class SamplingStageBase(EngineStageConfig):
 
 
 class ProbabilisticStageConfig(SamplingStageBase):
-    """Probabilistic ranking: the teacher samples N answers, ranked by mean token log-prob."""
+    """Probabilistic ranking: the teacher samples N answers, ranked by mean token log-prob.
+
+    Every candidate of an instruction is scored in one context through one endpoint (score =
+    mean raw log-prob of the answer's tokens, EOS excluded): ``scoring: sampled`` uses the
+    log-probs returned with the samples; ``scoring: echo`` re-reads samples and reference after
+    the prompt text (openai: ``/completions`` with ``echo``). ``auto``: echo exactly when
+    ``include_reference`` (the reference can only be scored by re-reading it).
+    """
 
     include_reference: bool = Field(
         default=False, description="re-score the dataset's own answer and rank it too"
     )
+    scoring: Literal["auto", "sampled", "echo"] = "auto"
     # Empty or duplicate samples carry no signal: drop them, or ask for replacements first.
     on_bad_sample: Literal["drop", "resample"] = "resample"
     resample_rounds: int = Field(default=2, ge=0)
     min_candidates: int = Field(default=2, ge=2)
     retry_failed: bool = Field(default=False, description="rerun a finished stage's failures")
+
+    @property
+    def score_by_echo(self) -> bool:
+        return self.scoring == "echo" or (self.scoring == "auto" and self.include_reference)
+
+    @model_validator(mode="after")
+    def _servable(self) -> ProbabilisticStageConfig:
+        # Refuse, before any request is paid for, what the endpoint cannot serve.
+        if self.include_reference and self.scoring == "sampled":
+            raise ValueError(
+                "include_reference: true needs scoring: echo (or auto): the reference answer "
+                "can only be scored by re-reading it, so the samples must be scored the same "
+                "way to be comparable"
+            )
+        if getattr(self.engine, "kind", None) != "openai":
+            return self
+        if self.score_by_echo and self.engine.endpoint != "completions":
+            why = "include_reference: true" if self.include_reference else "scoring: echo"
+            raise ValueError(
+                f"{why} scores every candidate through /completions with echo, which "
+                f"engine.endpoint: {self.engine.endpoint} does not serve; use "
+                "engine.endpoint: completions with a teacher that serves completions + echo + "
+                "logprobs (e.g. a vLLM OpenAI server), or set include_reference: false"
+            )
+        if self.template == "chat" and self.engine.endpoint == "completions":
+            raise ValueError(
+                "template: chat with engine.kind: openai needs engine.endpoint: chat (the "
+                "server applies its chat template; engine.endpoint: completions needs the "
+                "prompt as text: template: alpaca)"
+            )
+        return self
 
 
 class SamplingStageConfig(SamplingStageBase):
@@ -192,6 +279,11 @@ class ContextualStageConfig(EngineStageConfig):
     include_judge_reference: bool = Field(
         default=True, description="the judge's own answer joins the ranked candidates"
     )
+    # The reference code adds each instruction's original (dataset) answer to both training
+    # sets: here it is shown to the judge with the samples and ranked with them.
+    include_original: bool = Field(
+        default=True, description="rank the dataset's own answer with the student's samples"
+    )
     max_parse_retries: int = Field(default=2, ge=0, description="new samples after a bad reply")
 
 
@@ -200,8 +292,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, mod
     from omegaconf import OmegaConf
 
     base = OmegaConf.load(path) if path else OmegaConf.create({})
-    merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides or [])))
-    return model.model_validate(OmegaConf.to_container(merged, resolve=True))
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(
+                f"override {item!r}: expected key=value, e.g. train_p.epochs=1 (a dotted key; "
+                "list items by index: tasks.0.data.path=...)"
+            )
+        # The value is read as YAML (numbers, booleans, lists); the key may index lists.
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={value}"]))["value"]
+        OmegaConf.update(base, key.strip(), parsed, merge=True)
+    return model.model_validate(OmegaConf.to_container(base, resolve=True))
 
 
 def config_hash(config: BaseModel | dict) -> str:

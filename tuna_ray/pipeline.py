@@ -13,6 +13,12 @@ Stages run strictly one after another, so generation and training never hold the
 
 Engines whose ``base_url`` is ``embedded:<name>`` talk to a local ``tuna-ray serve`` that the
 pipeline starts for the stages that need it (``servers.<name>``) and stops afterwards.
+
+Run storage: ``run_dir`` must be writable before anything starts; each stage holds the lease
+of its output folder while it runs (tuna_ray.lease: one writer per stage output); the response
+cache of an ``openai`` engine defaults to ``run_dir/<stage>/cache/`` so it lives as long as
+the run does (``engine.cache_dir`` overrides it). A stage that fails stops the pipeline with
+``StageFailedError`` naming the stage.
 """
 
 from __future__ import annotations
@@ -38,8 +44,15 @@ from tuna_ray.config import (
     TrainJobConfig,
     _Strict,
 )
+from tuna_ray.lease import LeaseHeldError, LeaseLostError
+from tuna_ray.ranking.runner import TooManyFailuresError
+from tuna_ray.storage import StorageError
 
 log = logging.getLogger(__name__)
+
+
+class StageFailedError(RuntimeError):
+    """The pipeline stopped at a stage; the message names the stage and the reason."""
 
 
 class ServerConfig(_Strict):
@@ -125,10 +138,18 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
 
     def stage_cfg(model, section: dict, name: str, data: DataConfig, **fill):
         scaling = {"ray_address": cfg.ray_address, **section.get("scaling", {})}
+        engine = {**fill.pop("engine", section.get("engine", {}))}
+        if engine.get("kind") == "openai" and engine.get("cache_dir") is None:
+            # With the run, not on the node: a rerun after node loss or a job retry still pays
+            # nothing twice (cache_dir is operational: the stage hash does not change).
+            from tuna_ray.ranking.runner import CACHE_DIR
+
+            engine["cache_dir"] = storage.join(run_dir, name, CACHE_DIR)
         return model.model_validate(
             {
                 **section,
                 **fill,
+                **({"engine": engine} if engine else {}),
                 "input": data.model_dump(),
                 "output_dir": storage.join(run_dir, name),
                 "scaling": scaling,
@@ -219,7 +240,7 @@ def _run_stage(stage: Stage, endpoints: dict[str, str]) -> dict:
     if stage.kind == "train":
         from tuna_ray.train.trainer import run_training
 
-        return run_training(stage.config).report
+        return run_training(stage.config).report  # holds the run dir's lease itself
     if stage.kind == "rank_probabilistic":
         from tuna_ray.ranking.probabilistic_stage import run_probabilistic
 
@@ -264,6 +285,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     from tuna_ray.ray_setup import ensure_ray
 
     stages = plan(cfg)
+    storage.check_writable(cfg.run_dir)  # before any stage, server or Ray starts
     started = time.time()
     results: list[dict] = []
     log.info("pipeline %s: %s", cfg.variant, " -> ".join(s.name for s in stages))
@@ -291,13 +313,23 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 time.time() - started,
             )
             t0 = time.time()
-            ensure_ray(cfg.ray_address)
+            # room for the training workers (and, beside them, Ray Data tasks: ensure_ray)
+            ensure_ray(
+                cfg.ray_address, min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+            )
             try:
                 with ExitStack() as stack:
                     endpoints = _start_servers(cfg, stage.servers, stack)
                     entry["report"] = _run_stage(stage, endpoints)
             except BaseException as exc:
                 entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+                if getattr(exc, "manifest", None) is not None:  # a stage over its failure bound
+                    entry["report"] = exc.manifest
+                log.error("[%d/%d] %s failed, the pipeline stops here", i, len(stages), stage.name)
+                if isinstance(exc, _NAMED_ERRORS):
+                    raise StageFailedError(
+                        f"stopped at stage {stage.name} ({i}/{len(stages)}): {exc}"
+                    ) from exc
                 raise
             entry.update(status="ran", wall_time_s=round(time.time() - t0, 1))
             log.info("[%d/%d] %s: done in %.0f s", i, len(stages), stage.name, entry["wall_time_s"])
@@ -311,6 +343,18 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         "stages": {r["name"]: r["status"] for r in results},
         "wall_time_s": round(time.time() - started, 1),
     }
+
+
+# Errors whose message already says what is wrong (config, data, storage, another run): the
+# pipeline reports them in one line with the stage's name. Anything else keeps its traceback.
+_NAMED_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    StorageError,
+    LeaseHeldError,
+    LeaseLostError,
+    TooManyFailuresError,
+)
 
 
 def _read_report(stage: Stage) -> dict | None:

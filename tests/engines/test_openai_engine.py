@@ -33,9 +33,11 @@ from tuna_ray.engines.openai_parse import (
     parse_chat,
     parse_completions,
     parse_echo_score,
+    parse_echo_scores,
 )
 from tuna_ray.engines.retry import (
     RETRY_AFTER_CAP_S,
+    AdaptiveTimeout,
     IntervalLimiter,
     backoff_delay,
     parse_retry_after,
@@ -82,6 +84,28 @@ def test_backoff_full_jitter_bounds():
     assert backoff_delay(10_000, 0.5, 8.0, rng=rng) <= 8.0  # no overflow for huge attempts
     assert backoff_delay(0, 0.5, 8.0, retry_after=3.0, rng=rng) >= 3.0  # Retry-After is a floor
     assert backoff_delay(0, 0.5, 8.0, retry_after=1e9, rng=rng) == RETRY_AFTER_CAP_S
+
+
+def test_adaptive_timeout_follows_observed_latency_and_backs_off():
+    fixed = AdaptiveTimeout(2.0, None)
+    fixed.observe(30.0)
+    fixed.timed_out(2.0)
+    assert fixed.timeout() == 2.0  # no max_timeout_s: never adapts
+    t = AdaptiveTimeout(2.0, 100.0, factor=4.0, window=3)
+    t.observe(0.1)  # a fast endpoint keeps the configured timeout
+    assert t.timeout() == 2.0
+    t.observe(5.0)  # a slow one earns patience: 4x its slowest recent answer
+    assert t.timeout() == 20.0
+    for _ in range(3):  # the window forgets old slow answers
+        t.observe(1.0)
+    assert t.timeout() == 4.0
+    t.timed_out(4.0)  # a round of timeouts: every later attempt is 4x more patient
+    t.timed_out(4.0)
+    assert t.timeout() == 16.0
+    t.timed_out(16.0)
+    assert t.timeout() == 64.0
+    t.timed_out(64.0)
+    assert t.timeout() == 100.0  # never beyond max_timeout_s
 
 
 def test_parse_retry_after():
@@ -137,6 +161,40 @@ def test_parse_completions_requires_logprobs():
         parse_completions({"choices": [dict(choice, logprobs={"token_logprobs": [None]})]}, 1)
 
 
+def test_stop_token_logprob_is_not_an_answer_token():
+    """vLLM lists the EOS it stopped at ("" with special tokens skipped, or "</s>"); OpenAI and
+    the hf engine do not. Every engine's answer scores cover the answer's tokens only."""
+    vllm_chat = {
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hi there"},
+                "finish_reason": "stop",
+                "logprobs": {
+                    "content": [
+                        {"token": "Hi", "logprob": -1.0, "bytes": [72, 105]},
+                        {"token": " there", "logprob": -0.5, "bytes": [32]},
+                        {"token": "", "logprob": -0.1, "bytes": []},
+                    ]
+                },
+            }
+        ]
+    }
+    assert parse_chat(vllm_chat, 1, require_logprobs=True)[0]["token_logprobs"] == [-1.0, -0.5]
+
+    def completion(tokens, values, text, finish="stop"):
+        logprobs = {"tokens": tokens, "token_logprobs": values}
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
+        return parse_completions({"choices": [choice]}, 1)[0]["token_logprobs"]
+
+    assert completion([" red", "</s>"], [-1.0, -0.2], " red") == [-1.0]
+    assert completion([" red", "<|eot_id|>"], [-1.0, -0.2], " red") == [-1.0]
+    assert completion([" red", "</s>"], [-1.0, -0.2], " red", finish="length") == [-1.0, -0.2]
+    assert completion([" a", " <b>"], [-1.0, -0.2], " a <b>") == [-1.0, -0.2]  # it is the text
+    assert completion([" red", "."], [-1.0, -0.2], " red.") == [-1.0, -0.2]  # OpenAI: no EOS
+    assert completion(["</s>"], [-0.3], "") == []  # stopped at once: an empty answer
+
+
 def test_parse_echo_score_uses_text_offsets():
     # "Q: hi\nA:" + " yes no" = tokens "" (BOS) "Q:" " hi" "\nA:" " yes" " no"
     logprobs = {
@@ -155,6 +213,19 @@ def test_parse_echo_score_uses_text_offsets():
         )
     with pytest.raises(BadResponse):
         parse_echo_score({"choices": [{"logprobs": dict(logprobs, text_offset=[0, 1])}]}, 8, 15)
+    # several responses echoed in one request (a list of prompts): one choice each, by index
+    short = {
+        "tokens": ["", "Q:", " hi", "\nA:", " no"],
+        "text_offset": [0, 0, 2, 5, 8],
+        "token_logprobs": [None, -3.0, -2.0, -1.0, -0.25],
+    }
+    two = {"choices": [{"index": 1, "logprobs": short}, {"index": 0, "logprobs": logprobs}]}
+    assert parse_echo_scores(two, 8, [15, 11]) == [
+        {"logprob_sum": -0.75, "num_tokens": 2},
+        {"logprob_sum": -0.25, "num_tokens": 1},
+    ]
+    with pytest.raises(BadResponse, match="malformed"):
+        parse_echo_scores(two, 8, [15])  # a choice per response, no more, no less
 
 
 # ---- cache ------------------------------------------------------------------------------------
@@ -310,7 +381,7 @@ def test_cached_rerun_sends_nothing(fresh, tmp_path):
     judged = first_engine.complete_chat(PROMPTS[:2], params)
     scored = first_engine.score(PROMPTS[0], [" red", " blue"])
     sent = fresh.stats()["requests"]
-    assert sent == len(PROMPTS) + 2 + 2
+    assert sent == len(PROMPTS) + 2 + 1  # both answers are scored in one echo request
     cost = first_engine.usage().cost_usd
     assert cost > 0
 
@@ -320,7 +391,7 @@ def test_cached_rerun_sends_nothing(fresh, tmp_path):
     assert again.score(PROMPTS[0], [" red", " blue"]) == scored
     assert fresh.stats()["requests"] == sent
     usage = again.usage()
-    assert (usage.requests, usage.cached, usage.cost_usd) == (0, len(PROMPTS) + 4, 0.0)
+    assert (usage.requests, usage.cached, usage.cost_usd) == (0, len(PROMPTS) + 3, 0.0)
     # anything that decides the answer is part of the key
     _engine(fresh, **config, template_version="v2").sample(PROMPTS[:1], params)
     assert fresh.stats()["requests"] == sent + 1
@@ -366,7 +437,10 @@ FAULT_REASONS = {
 @pytest.mark.parametrize("kind", list(FAULT_REASONS))
 def test_each_fault_is_retried_then_named(fresh, kind):
     fresh.set_faults(1.0, [kind], slow_seconds=2.0)  # every attempt fails this way
-    engine = _engine(fresh, max_retries=1, backoff_base_s=0.01, timeout_s=1.0)
+    # A slow answer must time out on the retry too: a fixed 1 s timeout (no max_timeout_s)
+    # there; the others get time to spare on a busy machine.
+    timing = {"timeout_s": 1.0, "max_timeout_s": None} if kind == "slow" else {"timeout_s": 30}
+    engine = _engine(fresh, max_retries=1, backoff_base_s=0.01, **timing)
     start = time.monotonic()
     (result,) = engine.sample(PROMPTS[:1], SamplingParams(n=2, max_tokens=4))
     elapsed = time.monotonic() - start
@@ -379,6 +453,46 @@ def test_each_fault_is_retried_then_named(fresh, kind):
     if kind == "no_logprobs":  # plain-text judging does not need log-probs: these answers do
         (texts,) = engine.complete_chat(PROMPTS[:1], SamplingParams(n=1, max_tokens=4))
         assert not isinstance(texts, EngineError) and len(texts) == 1
+
+
+@pytest.mark.slow
+def test_slow_endpoint_gets_patience_instead_of_failures(fresh):
+    """A server slower than timeout_s: after a timeout, attempts wait 4x as long; once an
+    answer came back slow, every attempt waits 4x that long."""
+    fresh.set_faults(1.0, ["slow"], slow_seconds=1.0)  # every answer takes over a second
+    engine = _engine(fresh, timeout_s=0.4, max_timeout_s=60, max_retries=5, backoff_base_s=0)
+    (first,) = engine.sample(PROMPTS[:1], SamplingParams(n=1, max_tokens=3))
+    _assert_samples(first, 1)
+    timeouts_before = engine.usage().retries
+    assert 1 <= timeouts_before <= 3  # 0.4 s times out; 1.6 s (or 6.4 s...) is enough
+    later = engine.sample(PROMPTS[1:4], SamplingParams(n=1, max_tokens=3))
+    for result in later:
+        _assert_samples(result, 1)
+    assert engine.usage().retries == timeouts_before  # >= 4 s per attempt now: no timeouts
+    assert engine.usage().failures == {}
+
+
+@pytest.mark.slow
+def test_concurrency_bound_holds_across_overlapping_calls(fresh):
+    """One engine, many callers at once (an async Ray Data UDF's batches): max_concurrency
+    bounds the requests in flight for the engine, not per call."""
+    fresh.set_faults(1.0, ["slow"], slow_seconds=0.3)
+    engine = _engine(fresh, max_concurrency=2)
+
+    async def callers():
+        calls = [
+            engine.asample(PROMPTS[i : i + 2], SamplingParams(n=1, max_tokens=2)) for i in (0, 2, 4)
+        ]
+        calls.append(engine.ascore(PROMPTS[0], [" red", " blue"]))
+        return await asyncio.gather(*calls)
+
+    *sampled, scored = asyncio.run(callers())
+    for results in sampled:
+        for result in results:
+            _assert_samples(result, 1)
+    assert not isinstance(scored, EngineError) and len(scored) == 2
+    stats = fresh.stats()
+    assert stats["requests"] == 7 and stats["max_in_flight"] == 2
 
 
 @pytest.mark.slow
@@ -401,6 +515,36 @@ def test_score_by_echo(fresh):
     assert (scored[1].num_tokens, scored[1].logprob_sum) == (0, 0.0)
     chat_only = engine.score(Prompt(id="m", messages=({"role": "user", "content": "hi"},)), ["x"])
     assert isinstance(chat_only, EngineError)
+
+
+@pytest.mark.slow
+def test_openai_and_hf_engines_score_an_answer_the_same_way(smollm2_path):
+    """One definition for every engine: the mean raw log-prob of the answer's own tokens after
+    the prompt, EOS excluded. The real SmolLM2 answers until EOS; its answers scored as sampled
+    (openai chat), re-read by echo (openai completions) and re-read in-process (hf) agree."""
+    from tuna_ray.engines.hf import HFEngine
+    from tuna_ray.serve.local import start_local_server
+
+    hf = HFEngine(str(smollm2_path))
+    questions = ["Say hello.", "Name one colour.", "What is 2 + 2?"]
+    chats = [
+        Prompt(id=f"c{i}", messages=({"role": "user", "content": q},))
+        for i, q in enumerate(questions)
+    ]
+    greedy = SamplingParams(n=1, temperature=0.0, max_tokens=64)
+    with start_local_server(str(smollm2_path), served_model_name="m") as server:
+        base = {"base_url": server.base_url, "model": "m", "timeout_s": 300}
+        chat = OpenAIEngine(OpenAIEngineConfig(**base, endpoint="chat"))
+        completions = OpenAIEngine(OpenAIEngineConfig(**base, endpoint="completions"))
+        samples = [result[0] for result in chat.sample(chats, greedy)]
+        as_text = [Prompt(id=p.id, text=hf.render(p)[0]) for p in chats]
+        echoed = [completions.score(p, [s.text]) for p, s in zip(as_text, samples)]
+    assert all(s.finish_reason == "stop" for s in samples), samples  # they ended at EOS
+    for prompt, sample, (echo,) in zip(chats, samples, echoed):
+        (direct,) = hf.score(prompt, [sample.text])
+        assert sample.num_tokens == echo.num_tokens == direct.num_tokens > 0
+        assert sample.logprob_sum == pytest.approx(direct.logprob_sum, abs=1e-3)
+        assert echo.logprob_sum == pytest.approx(direct.logprob_sum, abs=1e-3)
 
 
 @pytest.mark.slow

@@ -5,7 +5,12 @@ all, is a failure to retry, never a score: a missing log-prob must not turn into
 values are plain JSON so the cache can store them as they are:
 
 - sample: ``[{"text": str, "token_logprobs": [float] | None, "finish_reason": str | None}]``
-- score:  ``{"logprob_sum": float, "num_tokens": int}``
+- score:  ``{"logprob_sum": float, "num_tokens": int}`` (one per echoed prompt)
+
+An answer's log-probs are those of its own tokens, **EOS excluded** (the definition every engine
+keeps, see engines/hf.py): a server that lists the token it stopped at (vLLM reports EOS as a
+last entry whose text is ``""`` or a special token such as ``</s>``; OpenAI does not) has that
+entry dropped (``_without_stop_token``).
 
 >>> raw = {"choices": [{"index": 0, "text": " Paris", "finish_reason": "stop",
 ...        "logprobs": {"token_logprobs": [-0.5], "tokens": [" Paris"]}}]}
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from typing import Any
 
 
@@ -30,6 +36,8 @@ class BadResponse(ValueError):
 
 MALFORMED = "malformed response"
 MISSING_LOGPROBS = "missing logprobs"
+# How servers print a special token (</s>, <|endoftext|>, <|eot_id|>, <end_of_turn>, ...).
+_SPECIAL_TOKEN = re.compile(r"<\|?[^<>\s]+\|?>")
 
 
 def parse_usage(raw: dict) -> tuple[int, int]:
@@ -82,7 +90,10 @@ def parse_chat(raw: dict, n: int, *, require_logprobs: bool) -> list[dict]:
             if isinstance(content, list) and not all(isinstance(t, dict) for t in content):
                 raise BadResponse(MISSING_LOGPROBS, "logprobs.content entries are not objects")
             values = [t.get("logprob") for t in content] if isinstance(content, list) else None
-            token_logprobs = _logprob_list(values, text)
+            tokens = [t.get("token") for t in content] if isinstance(content, list) else None
+            token_logprobs = _without_stop_token(
+                _logprob_list(values, text), tokens, text, choice.get("finish_reason")
+            )
         finish = choice.get("finish_reason")
         samples.append({"text": text, "token_logprobs": token_logprobs, "finish_reason": finish})
     return samples
@@ -97,14 +108,48 @@ def parse_completions(raw: dict, n: int) -> list[dict]:
             raise BadResponse(MALFORMED, "choice without text")
         logprobs = choice.get("logprobs")
         values = logprobs.get("token_logprobs") if isinstance(logprobs, dict) else None
+        tokens = logprobs.get("tokens") if isinstance(logprobs, dict) else None
+        finish = choice.get("finish_reason")
         samples.append(
             {
                 "text": text,
-                "token_logprobs": _logprob_list(values, text),
-                "finish_reason": choice.get("finish_reason"),
+                "token_logprobs": _without_stop_token(
+                    _logprob_list(values, text), tokens, text, finish
+                ),
+                "finish_reason": finish,
             }
         )
     return samples
+
+
+def _without_stop_token(
+    values: list[float], tokens: Any, text: str, finish_reason: Any
+) -> list[float]:
+    """``values`` without a last entry for the EOS token the answer stopped at.
+
+    Only when the server says it stopped (``finish_reason == "stop"``) and names the last token
+    as something the answer does not end with: ``""`` (a special token with special tokens
+    skipped) or a special token's spelling. An answer's real last token is never dropped.
+
+    >>> _without_stop_token([-1.0, -0.5], ["Hi", "</s>"], "Hi", "stop")
+    [-1.0]
+    >>> _without_stop_token([-1.0, -0.5], ["Hi", "!"], "Hi!", "stop")
+    [-1.0, -0.5]
+    """
+    if finish_reason != "stop" or not values or not isinstance(tokens, list):
+        return values
+    if len(tokens) != len(values) or not isinstance(tokens[-1], str):
+        return values
+    last = tokens[-1]
+    if last == "" or (_SPECIAL_TOKEN.fullmatch(last) and not text.endswith(last)):
+        return values[:-1]
+    return values
+
+
+def parse_echo_scores(raw: dict, boundary: int, ends: list[int]) -> list[dict]:
+    """One score per echoed prompt ``prompt + response_k`` (a request with a list of prompts,
+    ``n=1``): choice k scores characters ``[boundary, ends[k])`` (``parse_echo_score``)."""
+    return [_echo_score(c, boundary, end) for c, end in zip(_choices(raw, len(ends)), ends)]
 
 
 def parse_echo_score(raw: dict, boundary: int, end: int) -> dict:
@@ -119,7 +164,11 @@ def parse_echo_score(raw: dict, boundary: int, end: int) -> dict:
     choices = raw.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise BadResponse(MALFORMED, "no choices list")
-    logprobs = choices[0].get("logprobs")
+    return _echo_score(choices[0], boundary, end)
+
+
+def _echo_score(choice: dict, boundary: int, end: int) -> dict:
+    logprobs = choice.get("logprobs")
     if not isinstance(logprobs, dict):
         raise BadResponse(MISSING_LOGPROBS)
     offsets, values = logprobs.get("text_offset"), logprobs.get("token_logprobs")

@@ -1,4 +1,5 @@
-"""Pacing for HTTP engines: a QPS limiter, exponential backoff with full jitter, Retry-After.
+"""Pacing for HTTP engines: a QPS limiter, exponential backoff with full jitter, Retry-After,
+and per-attempt timeouts that adapt to the endpoint's observed latency.
 
 Stage: engines (pure, no network). Used by the ``openai`` engine; kept apart so the policy can
 be read and tested on its own.
@@ -7,6 +8,7 @@ be read and tested on its own.
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.utils
 import math
 import random
@@ -89,3 +91,58 @@ class IntervalLimiter:
         delay = self.reserve()
         if delay > 0:
             await asyncio.sleep(delay)
+
+
+class AdaptiveTimeout:
+    """Per-attempt timeouts that follow how slow the endpoint has proven to be.
+
+    A fixed timeout turns a slow endpoint into lost records: a busy self-hosted server queues
+    requests, the client gives up on the ones at the back, the server still works on them, the
+    retries queue behind them, and after ``max_retries`` the records fail. So every attempt
+    waits ``factor`` times the longest the endpoint is known to take -- the slowest of the
+    last ``window`` answers, or an attempt that timed out (it would have taken longer) --
+    at least ``base_s`` and at most ``max_s``:
+
+        min(max_s, max(base_s, factor * slowest recent answer, factor * longest timed-out wait))
+
+    So the configured timeout holds while the endpoint answers within ``base_s / factor``; a
+    round of timeouts makes every later attempt (the retries among them) ``factor`` times more
+    patient; nothing waits beyond ``max_s`` (``max_s`` None or <= ``base_s``: a fixed
+    timeout). Thread-safe; one per engine.
+
+    >>> t = AdaptiveTimeout(10.0, 300.0)
+    >>> t.timeout()
+    10.0
+    >>> t.observe(6.0); t.timeout()
+    24.0
+    >>> t.timed_out(24.0); t.timeout()
+    96.0
+    >>> t.timed_out(96.0); t.timeout()
+    300.0
+    """
+
+    def __init__(
+        self, base_s: float, max_s: float | None = None, *, factor: float = 4.0, window: int = 64
+    ):
+        self.base_s = base_s
+        self.max_s = base_s if max_s is None else max(base_s, max_s)
+        self.factor = factor
+        self._recent: collections.deque[float] = collections.deque(maxlen=window)
+        self._waited = 0.0  # the longest wait that timed out
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        """Record how long an answered attempt took (sending to the last byte)."""
+        with self._lock:
+            self._recent.append(seconds)
+
+    def timed_out(self, seconds: float) -> None:
+        """Record an attempt that gave up after ``seconds`` without an answer."""
+        with self._lock:
+            self._waited = max(self._waited, seconds)
+
+    def timeout(self) -> float:
+        """Seconds the next attempt may take."""
+        with self._lock:
+            known = max(self._waited, max(self._recent, default=0.0))
+        return min(self.max_s, max(self.base_s, self.factor * known))

@@ -13,6 +13,12 @@ Alpaca answers in).
 Samples that carry no signal are handled by an explicit rule before ranking: an empty or
 whitespace-only answer, or one identical (after stripping) to an earlier one, is dropped and
 counted; with ``on_bad_sample="resample"`` the stage asks the teacher for replacements first.
+
+Comparable scores: every candidate of an instruction is scored the same way, as the mean raw
+log-prob of its own tokens (EOS excluded) after the same prompt. ``scoring="sampled"`` takes the
+log-probs the teacher returned with each sample; ``scoring="echo"`` re-reads every candidate
+after the prompt text (``Engine.score``), which is the only way to score the reference answer,
+so a reference joins only under ``echo`` (``TeacherCandidates`` collects one instruction's).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from tuna_ray.engines.base import Sample, SamplingParams, Scored
+from tuna_ray.engines.base import EngineError, Sample, SamplingParams, Scored
 
 
 @dataclass
@@ -63,6 +69,76 @@ def clean_samples(samples: list[Sample], seen: set[str] | None = None) -> CleanR
     return out
 
 
+@dataclass
+class TeacherCandidates:
+    """One instruction's candidates while the stage collects them, round by round.
+
+    ``add`` takes a sampling result (samples, or the engine's error: the instruction fails);
+    ``missing`` says how many replacements to ask for; ``rescore`` replaces every kept sample's
+    log-probs with the teacher's re-reading and adds the reference; ``outcome`` is the
+    candidates to rank, or the failure reason.
+    """
+
+    want: int  # samples asked for (N)
+    kept: list[Candidate] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+    dropped: Counter = field(default_factory=Counter)  # reason -> count
+    resampled: int = 0
+    error: str | None = None
+
+    def add(self, result: list[Sample] | EngineError, *, replacing: int = 0) -> None:
+        self.resampled += replacing
+        if isinstance(result, EngineError):
+            self.error = self.error or result.reason
+            return
+        cleaned = clean_samples(result, self.seen)
+        self.kept += cleaned.kept
+        self.dropped.update(cleaned.dropped)
+
+    @property
+    def missing(self) -> int:
+        return 0 if self.error else max(0, self.want - len(self.kept))
+
+    def texts_to_score(self, reference: str | None) -> list[str]:
+        """What ``rescore`` needs scored, in order: the kept samples, then the reference."""
+        return [c.text for c in self.kept] + ([reference] if _usable(reference) else [])
+
+    def rescore(self, reference: str | None, scored: list[Scored] | EngineError) -> None:
+        """Score every candidate from ``scored`` (for ``texts_to_score(reference)``)."""
+        if isinstance(scored, EngineError):
+            self.error = self.error or f"scoring: {scored.reason}"
+            return
+        if len(scored) != len(self.texts_to_score(reference)):
+            self.error = self.error or f"scoring: {len(scored)} scores for {len(self.kept)} texts"
+            return
+        rescored = []
+        for c, s in zip(self.kept, scored):
+            if s.num_tokens == 0:
+                self.dropped["no_tokens"] += 1
+            else:
+                rescored.append(Candidate(c.text, s.logprob_sum, s.num_tokens, c.origin))
+        self.kept = rescored
+        if _usable(reference):
+            ref = reference_candidate(reference, scored[-1])
+            if ref is not None:
+                self.kept.append(ref)
+
+    def outcome(self, min_candidates: int) -> tuple[list[Candidate] | None, str | None]:
+        """(candidates, None) or (None, why this instruction failed)."""
+        if self.error:
+            return None, self.error
+        if len(self.kept) < min_candidates:
+            return None, (
+                f"too few usable samples: {len(self.kept)} < {min_candidates} "
+                f"(dropped {dict(self.dropped)})"
+            )
+        return self.kept, None
+
+
+def _usable(reference: str | None) -> bool:
+    return bool(reference and reference.strip())
+
+
 def reference_candidate(text: str, scored: Scored) -> Candidate | None:
     """The dataset's reference answer as a candidate, or None when it has no tokens."""
     if not text.strip() or scored.num_tokens == 0:
@@ -77,6 +153,7 @@ def rank_by_teacher_logprob(
     *,
     generator: str,
     params: SamplingParams,
+    scoring: str = "sampled",
 ) -> dict:
     """The ranked record (DESIGN.md schema) for ``record`` from its scored candidates."""
     ordered = sorted(candidates, key=lambda c: -c.score)  # stable: ties keep sampling order
@@ -92,7 +169,8 @@ def rank_by_teacher_logprob(
         "origins": [c.origin for c in ordered],
         "ranking": "probabilistic",
         "generator": json.dumps(
-            {"engine": generator, **params.model_dump(mode="json")}, sort_keys=True
+            {"engine": generator, "scoring": scoring, **params.model_dump(mode="json")},
+            sort_keys=True,
         ),
         "source": record.get("source"),
     }

@@ -8,26 +8,40 @@ own part before returning, so a crash loses at most the batches in flight.
 
 Every UDF (an ``EngineUDF``) returns at least the columns ``id``, ``status`` ("ok" | "failed" |
 "excluded"), ``reason``; plus the stage's own count columns and the engine usage deltas
-(USAGE_FIELDS), which ``EngineUDF.finish`` puts on the first row of a batch.
+(USAGE_FIELDS), which ``EngineUDF.finish`` puts on the first row of a batch. A UDF whose
+``__call__`` is a coroutine gets ``batches_in_flight`` batches at once per actor.
+
+Failures are bounded: when more than ``cfg.max_failure_share`` of the records ended failed
+(after the engine's retries; "excluded" records are not failures), ``run_stage`` still writes
+the consolidated results and a manifest with ``status: "failed"``, then raises
+``TooManyFailuresError``. That manifest has no ``config_hash``, so the stage does not count as
+finished: a rerun resumes it and sends only the failed ids again (paid-for results stay).
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import math
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from tuna_ray import storage
+from tuna_ray import lease, storage
 from tuna_ray.config import config_hash
 from tuna_ray.data import parts
+from tuna_ray.data.readers import NoRecordsError, require_records
 from tuna_ray.data.templates import render_prompt
 from tuna_ray.engines.base import Prompt
+from tuna_ray.engines.cache import compact as compact_cache
+from tuna_ray.engines.cache import flush_all as flush_response_caches
 
 log = logging.getLogger(__name__)
+CACHE_DIR = "cache"  # the response cache's folder inside a stage's output (pipeline default)
 USAGE_FIELDS = ("requests", "cached", "prompt_tokens", "completion_tokens", "cost_usd", "retries")
 
 
@@ -67,7 +81,8 @@ def build_prompt(record: dict, template: str, tokenizer=None, system: str | None
 class EngineUDF:
     """Base of the stages' Ray Data UDFs: the stage config and one engine per actor.
 
-    Subclasses set ``config_model`` and call ``finish`` at the end of ``__call__``.
+    Subclasses set ``config_model`` and call ``finish`` at the end of ``__call__``; an async
+    ``__call__`` reaches the engine through ``call_engine``.
     """
 
     config_model: type[BaseModel]
@@ -78,19 +93,61 @@ class EngineUDF:
         self.cfg = self.config_model.model_validate_json(config_json)
         self.engine = build_engine(self.cfg.engine)
         self.tokenizer = getattr(self.engine, "tokenizer", None)
+        self._usage_lock = threading.Lock()
+        self._reported = _usage_totals(self.engine)
+
+    async def call_engine(self, method: str, *args):
+        """``engine.<method>(*args)`` without blocking the actor's event loop: the engine's own
+        coroutine ``a<method>`` when it has one (openai), else the call in a worker thread."""
+        native = getattr(self.engine, "a" + method, None)
+        if native is not None:
+            return await native(*args)
+        return await asyncio.to_thread(getattr(self.engine, method), *args)
 
     def finish(
-        self, records: list[dict], failures: list[dict], summary: list[dict], usage_before
+        self, records: list[dict], failures: list[dict], summary: list[dict], usage_before=None
     ) -> dict[str, list]:
-        """Write the batch's part; return the summary columns plus the usage deltas (the batch
-        total on row 0, zeros after)."""
+        """Write the batch's part; return the summary columns plus the usage since this actor's
+        previous ``finish`` on row 0 (zeros after). With one batch at a time that is the batch's
+        usage; with overlapping batches the rows still add up to the actor's total.
+        ``usage_before`` is not needed any more (ignored)."""
+        flush_response_caches()  # first: results on disk always have their responses cached
         parts.write_part(self.cfg.output_dir, records, failures)
         columns = {k: [row[k] for row in summary] for k in summary[0]}
-        after = self.engine.usage()
+        with self._usage_lock:
+            now = _usage_totals(self.engine)
+            delta = {name: now[name] - self._reported[name] for name in USAGE_FIELDS}
+            self._reported = now
         for name in USAGE_FIELDS:
-            delta = getattr(after, name) - getattr(usage_before, name)
-            columns[name] = [delta] + [0] * (len(summary) - 1)
+            columns[name] = [delta[name]] + [0] * (len(summary) - 1)
         return columns
+
+
+def _usage_totals(engine) -> dict[str, float]:
+    usage = engine.usage()  # some engines hand out their live object: copy the numbers
+    return {name: getattr(usage, name) for name in USAGE_FIELDS}
+
+
+def batches_in_flight(cfg: BaseModel) -> int:
+    """Batches an async UDF works on at once per actor: enough that the engine's
+    ``max_concurrency`` stays busy while some batches wait on their slowest request."""
+    concurrency = getattr(cfg.engine, "max_concurrency", 1)
+    return max(2, min(64, -(-2 * concurrency // cfg.scaling.batch_size)))
+
+
+class TooManyFailuresError(RuntimeError):
+    """Too many records of a stage failed; its results and manifest are written. One line."""
+
+    def __init__(self, manifest: dict, failed: list[dict], total: int):
+        reasons = Counter(str(f["reason"]).split(":")[0] for f in failed).most_common()
+        super().__init__(
+            f"{manifest['stage']}: {len(failed)} of {total} records failed "
+            f"({manifest['failure_share']:.1%} > max_failure_share "
+            f"{manifest['max_failure_share']:.1%}): "
+            + ", ".join(f"{reason} x{n}" for reason, n in reasons)
+            + f"; results kept in {manifest['output_dir']}, rerun to retry the failed ids"
+        )
+        self.manifest = manifest
 
 
 def input_report(cfg_input, read, used: int) -> dict:
@@ -107,15 +164,18 @@ def input_report(cfg_input, read, used: int) -> dict:
 OPERATIONAL = {
     "scaling": True,
     "retry_failed": True,
+    "max_failure_share": True,
     "engine": {
         "api_key_env",
         "max_concurrency",
         "qps",
         "timeout_s",
+        "max_timeout_s",
         "max_retries",
         "backoff_base_s",
         "backoff_max_s",
         "cache_dir",
+        "cache_base_url",
         "price_per_1m_input",
         "price_per_1m_output",
         "replicas",
@@ -145,14 +205,29 @@ def claim_output_dir(output_dir: str, digest: str) -> None:
     """Make ``output_dir`` this config's: results of a different config are removed first.
 
     Resuming is only sound for the same config; a changed config starts the stage over (its
-    upstream outputs, and the engine's response cache, are untouched).
+    upstream outputs, the lease and the response cache in ``cache/`` are kept: the same
+    requests are not paid for again). Parts a crashed run left half-written are removed.
+    Call it holding the directory's lease (``run_from_config`` does).
     """
     stamp = storage.join(output_dir, "config_hash.txt")
     if storage.exists(stamp) and storage.read_text(stamp).strip() != digest:
         log.warning("%s: config changed, discarding the previous results", output_dir)
-        storage.delete_dir(output_dir)
+        lease.clear_dir(output_dir, keep=(CACHE_DIR,))
+    if removed := parts.clean_stale_tmp(output_dir):
+        log.info("%s: removed %d unfinished part file(s) of an earlier run", output_dir, removed)
     if not storage.exists(stamp):
         storage.write_text(stamp, digest + "\n")
+
+
+def require_output(spec: StageSpec, written: list, failed: list[dict], total: int) -> None:
+    """A stage that produced no record fails (naming why) instead of finishing empty."""
+    if written:
+        return
+    reasons = dict(Counter(f["reason"].split(":")[0] for f in failed))
+    raise NoRecordsError(
+        f"{spec.name}: produced no records from {total} input records ({len(failed)} failed: "
+        f"{reasons}; the rest excluded); see failures.jsonl"
+    )
 
 
 def with_endpoints(cfg: BaseModel, endpoints: dict[str, str] | None) -> BaseModel:
@@ -171,9 +246,22 @@ def with_endpoints(cfg: BaseModel, endpoints: dict[str, str] | None) -> BaseMode
             f"engine.base_url={url}: no embedded server {name!r} is running; "
             "embedded servers are started by `tuna-ray run` (pipeline servers:)"
         )
-    return cfg.model_copy(
-        update={"engine": engine.model_copy(update={"base_url": endpoints[name]})}
-    )
+    # The response cache keys the server by its name: a rerun's new port still hits it.
+    running = {"base_url": endpoints[name], "cache_base_url": url}
+    return cfg.model_copy(update={"engine": engine.model_copy(update=running)})
+
+
+def _check_engine_resources(spec: StageSpec, cfg: BaseModel) -> None:
+    """A vLLM engine on GPUs needs its tensor/pipeline-parallel group inside one actor."""
+    engine = cfg.engine
+    if getattr(engine, "kind", None) != "vllm" or not cfg.scaling.gpus_per_actor:
+        return
+    if cfg.scaling.gpus_per_actor < engine.gpus_per_replica:
+        raise ValueError(
+            f"{spec.name}: engine.tensor_parallel_size x pipeline_parallel_size = "
+            f"{engine.gpus_per_replica} GPUs per engine, but scaling.gpus_per_actor is "
+            f"{cfg.scaling.gpus_per_actor:g}; give each actor the GPUs of its engine"
+        )
 
 
 def run_stage(
@@ -185,19 +273,16 @@ def run_stage(
     input_info: dict,
     endpoints: dict[str, str] | None = None,
 ) -> dict:
-    """Run the stage over ``records`` (resuming by id) and return the written manifest."""
+    """Run the stage over ``records`` (resuming by id) and return the written manifest.
+
+    Raises ``TooManyFailuresError``, after writing the results and the manifest, when more than
+    ``cfg.max_failure_share`` of the records failed.
+    """
     import ray.data
 
     from tuna_ray.ray_setup import ensure_ray
 
-    if getattr(cfg.engine, "kind", None) == "vllm":
-        # tuna_ray.engines.vllm_engine builds the ray.data.llm processor, but the stages'
-        # per-instruction logic (resampling, diversity trials, judge re-asks) is not yet wired to
-        # it; refuse before any GPU is requested.
-        raise ValueError(
-            f"{spec.name}: engine kind 'vllm' is not wired into the stages yet; use "
-            "kind 'hf' on GPU actors, or kind 'openai' against a vLLM server"
-        )
+    _check_engine_resources(spec, cfg)
     started = time.time()
     output_dir, scaling = cfg.output_dir, cfg.scaling
     claim_output_dir(output_dir, digest)
@@ -211,11 +296,21 @@ def run_stage(
     means: dict[str, list[float]] = {k: [] for k in spec.mean_fields}
     if todo:
         ensure_ray(scaling.ray_address)
+        if getattr(cfg.engine, "kind", None) == "vllm" and scaling.gpus_per_actor:
+            from tuna_ray.engines.vllm_engine import check_gpus_available
+
+            check_gpus_available(scaling.actors * scaling.gpus_per_actor, what=spec.name)
+        overlap = {}
+        if inspect.iscoroutinefunction(spec.udf.__call__):
+            # k batches at once per actor, and no more queued on it: a batch waits for the
+            # first actor with room, so an actor that started late still gets its share.
+            k = batches_in_flight(cfg)
+            overlap = {"max_concurrent_calls_per_actor": k, "max_tasks_in_flight_per_actor": k}
         ds = ray.data.from_items(todo).map_batches(
             spec.udf,
             fn_constructor_kwargs={"config_json": with_endpoints(cfg, endpoints).model_dump_json()},
             batch_size=scaling.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=scaling.actors),
+            compute=ray.data.ActorPoolStrategy(size=scaling.actors, **overlap),
             num_cpus=scaling.cpus_per_actor,
             num_gpus=scaling.gpus_per_actor,
         )
@@ -225,11 +320,21 @@ def run_stage(
                 totals[key] += float(batch[key].sum())
             for key in spec.mean_fields:
                 means[key].extend(float(v) for v in batch[key] if not math.isnan(v))
+    lease.check_held(output_dir)  # never commit results into a directory another run took
     path, written, failed = parts.consolidate(output_dir, spec.output, order)
+    # "excluded" records (contextual: fewer than 2 ranked answers) are an outcome, not a failure.
+    errors = [f for f in failed if not str(f["reason"]).startswith("excluded")]
+    share = len(errors) / len(order) if order else 0.0
+    ok = share <= cfg.max_failure_share
+    if ok:  # within the failure bound, yet nothing came out: not a finished stage either
+        require_output(spec, written, failed, len(order))
     report = {
         "stage": spec.name,
-        "config_hash": digest,
+        "status": "ok" if ok else "failed",
+        # A failed stage's manifest names no config hash: it is not finished, a rerun resumes it.
+        "config_hash": digest if ok else None,
         "output": path,
+        "output_dir": output_dir,
         "input": input_info,
         "counts": {
             spec.output: len(written),
@@ -238,11 +343,17 @@ def run_stage(
             "failure_reasons": dict(Counter(f["reason"].split(":")[0] for f in failed)),
             **{k: int(totals[k]) for k in spec.count_fields},
         },
+        "failure_share": round(share, 4),
+        "max_failure_share": cfg.max_failure_share,
         "means_this_run": {k: (sum(v) / len(v) if v else None) for k, v in means.items()},
         "usage_this_run": {k: totals[k] for k in USAGE_FIELDS},
         "wall_time_s": round(time.time() - started, 1),
     }
+    if not ok:
+        report["unfinished_config_hash"] = digest
     parts.write_manifest(output_dir, report)
+    if not ok:
+        raise TooManyFailuresError(report, errors, len(order))
     return report
 
 
@@ -256,20 +367,39 @@ def run_from_config(
     force: bool = False,
 ) -> dict:
     """Skip a finished stage, else read ``cfg.input`` with ``read`` (a tuna_ray.data.readers
-    function), keep ``columns`` (missing or null -> the given default) and ``run_stage``."""
+    function), keep ``columns`` (missing or null -> the given default) and ``run_stage``.
+
+    Before any work: the output directory must be writable (``StorageError`` otherwise), its
+    lease is taken (``LeaseHeldError`` while another run writes there), and the input must
+    hold a record (``NoRecordsError``).
+    """
     digest, finished = finished_manifest(cfg, cfg.output_dir, force=force)
     if finished is not None:
         return finished
-    result = read(cfg.input.path, on_error=cfg.input.on_error, fmt=cfg.input.format)
-    records = [
-        {k: default if r.get(k) is None else r[k] for k, default in columns.items()}
-        for r in result.records[: cfg.input.limit]
-    ]
-    return run_stage(
-        spec,
-        cfg,
-        records,
-        digest=digest,
-        endpoints=endpoints,
-        input_info=input_report(cfg.input, result, len(records)),
-    )
+    storage.check_writable(cfg.output_dir)
+    with lease.hold_lease(cfg.output_dir, what=spec.name):
+        # Another run may have finished it while we waited for nothing: look again, holding it.
+        digest, finished = finished_manifest(cfg, cfg.output_dir, force=force)
+        if finished is not None:
+            return finished
+        result = read(cfg.input.path, on_error=cfg.input.on_error, fmt=cfg.input.format)
+        records = [
+            {k: default if r.get(k) is None else r[k] for k, default in columns.items()}
+            for r in result.records[: cfg.input.limit]
+        ]
+        require_records(records, result, cfg.input.path, spec.name)
+        report = run_stage(
+            spec,
+            cfg,
+            records,
+            digest=digest,
+            endpoints=endpoints,
+            input_info=input_report(cfg.input, result, len(records)),
+        )
+        cache_dir = getattr(getattr(cfg, "engine", None), "cache_dir", None)
+        if cache_dir and storage.exists(cache_dir):
+            try:  # one file for the next run to load, not one per batch
+                compact_cache(cache_dir)
+            except OSError as exc:  # the parts stay as they are: still complete
+                log.warning("%s: could not compact the response cache: %s", cache_dir, exc)
+        return report
