@@ -54,6 +54,24 @@ def scripted_judge():
         yield s
 
 
+def test_original_answer_is_ranked_with_the_samples(tmp_path, scripted_judge):
+    """The reference code adds each instruction's original answer to the contextual training
+    set: the judge ranks it with the samples (``include_original``, on by default)."""
+    data, records = _candidates(tmp_path, 4)
+    for i, rec in enumerate(records):
+        rec["reference"] = f"The original answer number {i}." * (i + 1)
+    records[1]["reference"] = records[1]["responses"][0]  # repeats a sample: ranked once
+    write_jsonl(data, records)
+    out = tmp_path / "out"
+    assert_ok(run_cli(*_args(scripted_judge, data, out)))
+    ranked = {r["id"]: r for r in pq.read_table(out / "ranked.parquet").to_pylist()}
+    for i, rec in enumerate(records):
+        got = ranked[rec["id"]]
+        originals = [t for t, o in zip(got["responses"], got["origins"]) if o == "reference"]
+        assert originals == ([] if i == 1 else [rec["reference"]]), got["origins"]
+        assert got["responses"].count(rec["reference"]) == 1
+
+
 def test_scripted_judge_mapping_under_shuffle_duplicates_reference_and_borda(
     tmp_path, scripted_judge
 ):

@@ -212,11 +212,8 @@ def test_judge_refuses_what_is_not_a_judge_prompt(judges):
 
 @pytest.mark.parametrize("template", ["paper_v1", "json_v1"])
 def test_judge_round_trips_with_the_contextual_ranking_core(judges, template):
-    from tuna_ray.ranking.contextual import (
-        load_judge_template,
-        parse_judge_reply,
-        render_judge_messages,
-    )
+    from tuna_ray.ranking.contextual import load_judge_template, render_judge_messages
+    from tuna_ray.ranking.judge_reply import parse_judge_reply
 
     prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=INSTRUCTION)
     messages = render_judge_messages(prompt, RESPONSES, template=template)

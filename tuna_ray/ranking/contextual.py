@@ -8,7 +8,7 @@ Flow for one record; fold f of k shows the same answers in another order:
 
     order = judge_order(N, shuffle=..., seed=..., fold=f, key=record_id)   # shown -> original
     messages = render_judge_messages(prompt, [answers[i] for i in order])
-    reply = parse_judge_reply(raw, N)  # ValueError: retry (bounded), then record the failure
+    reply = parse_judge_reply(raw, N)  # judge_reply.py; ValueError: ask again (bounded)
     ranking = map_to_original(reply.ranking, order)  # N (the judge's own) -> REFERENCE
     best_first, points = aggregate_folds([ranking_fold_0, ...], N + 1)  # Borda when k > 1
     build_contextual_record(record, answers, best_first, ...)  # None: < 2 survive, excluded
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 import string
@@ -25,7 +26,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from itertools import combinations
+from itertools import combinations, permutations
 
 _I = re.IGNORECASE
 REFERENCE = "reference"  # the judge's own answer ("###Response N") after map_to_original
@@ -58,6 +59,37 @@ def load_judge_template(name: str) -> JudgeTemplate:
     fmt = {"type": "json_schema", "json_schema": json.loads(schema)} if schema else None
     user = string.Template(_read(f"{name}.txt"))
     return JudgeTemplate(name, _read(f"{name}.system.txt"), user, fmt)
+
+
+MAX_ENUMERATED_ORDERS = 5040  # 7!: up to 6 shown answers + the judge's own
+
+
+def judge_response_format(template: str, num_shown: int, *, grammar: bool = False) -> dict | None:
+    """The template's ``response_format`` for ``num_shown`` answers (None: a text template).
+
+    The ranking (and each score's "response") may only name 0..num_shown, the last being the
+    judge's own answer. ``grammar``: the engine decodes under the schema (vLLM's structured
+    outputs), so the schema can do what a strict API's cannot: with up to 7 entries the ranking
+    must be one of their orderings -- a grammar has no "each item once" rule, and a repeated
+    index would be a parse failure -- else 2 to num_shown + 1 valid indices, and the judge's
+    own answer is at most 4000 characters, so a small model cannot fill ``max_tokens`` with it.
+    """
+    fmt = load_judge_template(template).response_format
+    if fmt is None:
+        return None
+    fmt = json.loads(json.dumps(fmt))  # a copy to specialise
+    props = fmt["json_schema"]["schema"]["properties"]
+    entries = list(range(num_shown + 1))
+    index = {"type": "integer", "enum": entries}
+    props["scores"]["items"]["properties"]["response"] = index
+    props["ranking"] = {"type": "array", "items": index}
+    if grammar:
+        props["reference_answer"]["maxLength"] = 4000
+        if math.factorial(len(entries)) <= MAX_ENUMERATED_ORDERS:
+            props["ranking"] = {"enum": [list(p) for p in permutations(entries)]}
+        else:
+            props["ranking"].update(minItems=2, maxItems=len(entries))
+    return fmt
 
 
 _LETTERS = "ijklmnopqrstuvwxyzabcdefgh"  # the paper's placeholders start at i
@@ -128,193 +160,6 @@ def map_to_original(shown_ranking: Sequence[int], order: Sequence[int]) -> list[
     return out
 
 
-# ---------------------------------------------------------------- parsing the judge's reply
-
-_KEYWORD = re.compile(r"(?<![a-z])rank(?:ing|ings)?(?![a-z])['\"]?", _I)
-_LABEL_WORDS = "of|the|responses?|from|best|to|worst|order|final|overall|in|decreasing|descending"
-_AFTER = re.compile(  # "Ranking of the responses (best first):" - a few known words, no others
-    rf"(?:[ \t]+(?:{_LABEL_WORDS})(?![a-z]))*[ \t]*(?:\([^()\n]{{0,40}}\))?"
-    r"[ \t]*(?P<sep>[:=]|is\b:?)?[ \t]*(?P<nl>\n\s*)?['\"]?",
-    _I,
-)
-_ITEM = re.compile(r"""['"]?(?:response[ \t]*#?[ \t]*)?(\d+)['"]?""", _I)
-_SPLIT_WS = re.compile(r"(?<![a-z#\s])\s+", _I)  # whitespace after a number or a quote
-_LINE_ITEM = re.compile(
-    r"[ \t]*(?:(?P<pos>\d+)[.):][ \t]+|[-+•][ \t]+)?"
-    r"(?:response[ \t]*#?[ \t]*(?P<a>\d+)|(?P<b>\d+))"
-    r"(?:[ \t]+[-–—][ \t].*|[ \t]*[:(].*)?[ \t]*\.?[ \t]*",
-    _I,
-)
-_LOOKS_LIKE_ITEM = re.compile(r"[ \t]*(?:\d+[.):]|[-+•][ \t]|response[ \t]*#?[ \t]*\d)", _I)
-_CHAIN_LABEL = re.compile(r"[^\n:>\[\]]{0,40}:[ \t]*")
-
-
-def _items(body: str) -> list[int] | None:
-    """``body`` as a list of response numbers separated by one kind of separator, else None."""
-    body = body.strip()
-    has_gt, has_comma = ">" in body, "," in body or ";" in body
-    if has_gt and has_comma:
-        return None
-    if has_gt:
-        parts = body.split(">")
-    elif has_comma:
-        parts = re.split(r"[,;]", body)
-    else:
-        parts = _SPLIT_WS.split(body)
-    matches = [_ITEM.fullmatch(p.strip()) for p in parts]
-    return [int(m.group(1)) for m in matches] if all(matches) else None
-
-
-def _numbered_lines(rest: str) -> list[int] | None:
-    """A list spread over lines ("1. Response 2", "- 0", ...), ending at a blank line."""
-    out, positions = [], []
-    for line in rest.split("\n"):
-        if not line.strip():
-            break
-        m = _LINE_ITEM.fullmatch(line)
-        if m is None:
-            if _LOOKS_LIKE_ITEM.match(line):
-                return None  # an item we cannot read: the list is not what it seems
-            break
-        out.append(int(m.group("a") or m.group("b")))
-        positions.append(m.group("pos"))
-    if any(positions) and [int(p or 0) for p in positions] != list(range(1, len(out) + 1)):
-        return None
-    return out if len(out) >= 2 else None
-
-
-def _after_keyword(text: str) -> list[int] | None:
-    """The ranking written right after a "rank"/"ranking" keyword, or None."""
-    if re.match(r"[ \t]*1[ \t]*[:.)]", text):  # "Rank 1: Response 2\nRank 2: Response 0"
-        return _numbered_lines(re.sub(r"(?im)^[ \t]*rank[ \t]*", "", text.lstrip(" \t")))
-    m = _AFTER.match(text)
-    rest = text[m.end() :]
-    if rest.startswith("["):
-        end = rest.find("]")
-        body = rest[1:end] if end > 0 else ""
-        return _items(body) if body.strip() and "[" not in body and len(body) < 500 else None
-    if m.group("nl") is None:  # same line: "Ranking: 2 > 0 > 1", "rank: Response 3, Response 1"
-        items = _items(rest.split("\n", 1)[0].rstrip(" \t.")) if m.group("sep") else None
-        return items if items and len(items) >= 2 else None
-    first = _items(rest.split("\n", 1)[0].rstrip(" \t."))
-    return first if first and len(first) >= 2 else _numbered_lines(rest)
-
-
-def _validated(items: list[int], num_candidates: int, source: str) -> list[int]:
-    bad = [i for i in items if not 0 <= i < num_candidates]
-    if bad:
-        raise ValueError(f"{source}: index {bad[0]} outside 0..{num_candidates - 1}: {items}")
-    if len(set(items)) != len(items):
-        raise ValueError(f"{source}: repeated index in {items}")
-    return items
-
-
-def _normalise(text: str) -> str:
-    return text.replace("*", "").replace("`", "").replace("__", "")
-
-
-def parse_ranking(text: str, num_candidates: int) -> list[int]:
-    """The judge's ranking, best-first, as shown indices in ``0..num_candidates-1``.
-
-    The last "rank:"/"ranking" statement that reads as a list wins (a bracketed list, possibly
-    over several lines; a one-line "a, b" / "a > b" list of numbers or "Response k" names; a
-    numbered or bulleted list on the following lines); failing that, the last line that is a
-    ">" chain. A bracketed list may hold a single entry; unbracketed forms need two (a lone
-    "rank 1" is prose). Raises ValueError when nothing reads as a ranking or when the chosen
-    one has an index out of range or repeated (never an earlier one in its place).
-    """
-    if num_candidates < 1:
-        raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
-    text = _normalise(text)
-    found = [r for m in _KEYWORD.finditer(text) if (r := _after_keyword(text[m.end() :]))]
-    if found:
-        return _validated(found[-1], num_candidates, "rank statement")
-    chains = []
-    for line in text.split("\n"):
-        line = line.strip().rstrip(".")
-        label = _CHAIN_LABEL.match(line)
-        body = line[label.end() :] if label else line
-        items = _items(body) if ">" in body else None
-        if items and len(items) >= 2:
-            chains.append(items)
-    if chains:
-        return _validated(chains[-1], num_candidates, "'>' chain")
-    raise ValueError("no ranking found in the judge's reply")
-
-
-_PAREN = r"(?:\([^()\n]{0,40}\)[ \t]*)?"  # "Response 4 (reference):"
-_BLOCK_END = re.compile(
-    r"[ \t]*(?:#|(?:first|second|third|fourth|fifth|last|finally|step[ \t]*\d)\b[ \t]*[,:.]"
-    r"|response[ \t]*\d|rank|(?:ratings?|scores?)[ \t]*:|-{3,}[ \t]*$|_{3,}[ \t]*$"
-    r"|.*\bduplicate)",  # the judge's next step (the paper's step 3 is about duplicates)
-    _I,
-)
-
-
-def extract_reference_answer(text: str, index: int) -> str | None:
-    """The text of the judge's own ``###Response <index>`` block, or None when absent/empty.
-
-    The header is a ``###Response k`` heading (text may follow on the same line) or a line of
-    its own ("Response k:", emphasis allowed); a plain "Response k: 14" is a rating, not a
-    header. Best effort: the block ends at the first line that looks like the judge's next step
-    (a heading, a line starting "Response k", "rank", "Scores:", a rule, "Fourth," ..., or a
-    mention of duplicates).
-    """
-    text = text.replace("*", "")
-    header = re.compile(
-        rf"^[ \t]*(?:#+[ \t]*response[ \t]*{index}\b[ \t]*{_PAREN}:?[ \t]*(?P<same>[^\n]*)"
-        rf"|response[ \t]*{index}\b[ \t]*{_PAREN}:?[ \t]*$)",
-        _I | re.MULTILINE,
-    )
-    for m in header.finditer(text):
-        lines = [m.group("same") or ""]
-        for line in text[m.end() :].split("\n")[1:]:
-            if _BLOCK_END.match(line):
-                break
-            lines.append(line)
-        answer = "\n".join(lines).strip()
-        if answer:
-            return answer
-    return None
-
-
-def _json_object(text: str) -> dict:
-    """The reply as a JSON object: whole, or the span from its first "{" to its last "}"."""
-    for candidate in (text, text[text.find("{") : text.rfind("}") + 1]):
-        try:
-            obj = json.loads(candidate)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            return obj
-    raise ValueError("the judge's reply holds no JSON object")
-
-
-def parse_json_ranking(text: str, num_candidates: int) -> list[int]:
-    """The ``ranking`` field of a ``json_v1`` reply, validated like ``parse_ranking``."""
-    ranking = _json_object(text).get("ranking")
-    if not isinstance(ranking, list) or not ranking:
-        raise ValueError("JSON reply has no non-empty 'ranking' list")
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ranking):
-        raise ValueError(f"JSON 'ranking' holds non-integers: {ranking}")
-    return _validated(ranking, num_candidates, "JSON ranking")
-
-
-@dataclass(frozen=True)
-class JudgeReply:
-    ranking: list[int]  # shown indices, best-first; len(shown) is the judge's own answer
-    reference_answer: str | None
-
-
-def parse_judge_reply(text: str, num_shown: int, *, template: str = "paper_v1") -> JudgeReply:
-    """Ranking (over ``num_shown`` answers + the judge's own) and the judge's own answer."""
-    if load_judge_template(template).response_format is not None:
-        ranking = parse_json_ranking(text, num_shown + 1)
-        ref = _json_object(text).get("reference_answer")
-        return JudgeReply(ranking, ref.strip() or None if isinstance(ref, str) else None)
-    return JudgeReply(parse_ranking(text, num_shown + 1), extract_reference_answer(text, num_shown))
-
-
 # ---------------------------------------------------------------- folds and the ranked record
 
 
@@ -376,13 +221,15 @@ def build_contextual_record(
     judge_raw: list[str],
     judge: str,
     scores: Sequence[float] | None = None,
+    origins: Sequence[str] | None = None,
 ) -> dict | None:
     """The ranked record (DESIGN.md schema) from the judge's ranking in original indices.
 
     Candidates the judge left out (duplicates) are dropped; REFERENCE becomes the judge's own
     answer when ``include_judge_reference`` (and it was extracted), else it is skipped; a text
     equal (after stripping) to a better-ranked one is dropped. ``scores`` (Borda points,
-    aligned with ``ranking_original``) are kept for the survivors. Returns None when fewer
+    aligned with ``ranking_original``) are kept for the survivors; ``origins`` names where each
+    candidate came from ("sample" when not given). Returns None when fewer
     than 2 answers survive: the caller counts and excludes the record.
     """
     kept: list[tuple[str, str, float | None]] = []
@@ -393,7 +240,7 @@ def build_contextual_record(
                 continue
             text, origin = reference_answer, "judge_reference"
         elif isinstance(item, int) and 0 <= item < len(candidates):
-            text, origin = candidates[item], "sample"
+            text, origin = candidates[item], origins[item] if origins else "sample"
         else:
             raise ValueError(f"record {record.get('id')}: ranked item {item!r} is no candidate")
         if text.strip() in seen:

@@ -9,8 +9,10 @@ new seed when a reply holds no valid ranking, and write ranked records. Driven b
 ``runner.run_stage``; every id ends ranked, excluded (fewer than 2 ranked answers) or failed
 (API error, or no parsable reply after retries, with the raw replies kept).
 
-UDF input columns: id, instruction, input, prompt, responses, generator, source.
+UDF input columns: id, instruction, input, prompt, responses, generator, source, reference (the
+dataset's own answer, ranked with the samples when ``include_original``).
 UDF summary columns: id, status ("ok" | "failed" | "excluded"), reason, parse_failures,
+reference_uncertain (the judge's own answer dropped: its end was not certain),
 api_failures, judge_calls, fold_agreement (NaN when one fold) (+ usage).
 """
 
@@ -28,12 +30,13 @@ from tuna_ray.ranking.contextual import (
     aggregate_folds,
     build_contextual_record,
     judge_order,
+    judge_response_format,
     load_judge_template,
     map_to_original,
     pairwise_agreement,
-    parse_judge_reply,
     render_judge_messages,
 )
+from tuna_ray.ranking.judge_reply import parse_judge_reply
 from tuna_ray.ranking.runner import (
     EngineUDF,
     StageSpec,
@@ -48,7 +51,7 @@ class JudgeRanker(EngineUDF):
 
     def __init__(self, config_json: str):
         super().__init__(config_json)
-        self.template = load_judge_template(self.cfg.judge_template)
+        load_judge_template(self.cfg.judge_template)  # an unknown name fails at start
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         cfg = self.cfg
@@ -57,7 +60,7 @@ class JudgeRanker(EngineUDF):
         # One judge job per (record, fold): the order shown and the replies so far.
         jobs = []
         for r, row in enumerate(rows):
-            answers = [str(a) for a in row["responses"]]
+            answers, _ = judge_candidates(row, self.cfg.include_original)
             prompt = (
                 render_prompt(row["instruction"], row["input"] or "")
                 if row["instruction"]
@@ -113,6 +116,11 @@ class JudgeRanker(EngineUDF):
                     "parse_failures": sum(len(j["raw"]) - (j["reply"] is not None) for j in mine),
                     "api_failures": sum(j["error"] is not None for j in mine),
                     "judge_calls": sum(len(j["raw"]) for j in mine),
+                    # the judge's own answer was dropped: where it ends was not certain
+                    "reference_uncertain": sum(
+                        j["reply"] is not None and j["reply"].reference_status == "uncertain"
+                        for j in mine
+                    ),
                     "fold_agreement": math.nan if agreement is None else agreement,
                 }
             )
@@ -125,15 +133,19 @@ class JudgeRanker(EngineUDF):
         prompts = [
             Prompt(id=f"{j['row']}/{j['fold']}", messages=tuple(j["messages"])) for j in jobs
         ]
-        by_fold: dict[int, list[int]] = {}
+        # One call per (fold, number of answers shown): the seed follows the fold, and a JSON
+        # judge's schema names the indices it may rank.
+        groups: dict[tuple[int, int], list[int]] = {}
         for k, j in enumerate(jobs):
-            by_fold.setdefault(j["fold"], []).append(k)
-        for fold, ks in by_fold.items():
+            groups.setdefault((j["fold"], len(j["order"])), []).append(k)
+        grammar = getattr(self.cfg.engine, "kind", None) == "vllm"
+        for (fold, shown), ks in groups.items():
             fold_params = params.model_copy(
                 update={"n": 1, "seed": None if seed is None else seed + fold}
             )
+            fmt = judge_response_format(self.cfg.judge_template, shown, grammar=grammar)
             replies = self.engine.complete_chat(
-                [prompts[k] for k in ks], fold_params, response_format=self.template.response_format
+                [prompts[k] for k in ks], fold_params, response_format=fmt
             )
             for k, reply in zip(ks, replies):
                 job = jobs[k]
@@ -159,12 +171,12 @@ class JudgeRanker(EngineUDF):
                 f"parse_failed: no valid ranking in {sum(len(j['raw']) for j in jobs)} replies",
                 None,
             )
-        answers = [str(a) for a in row["responses"]]
+        answers, origins = judge_candidates(row, self.cfg.include_original)
         rankings = [
             _merge_duplicates(map_to_original(j["reply"].ranking, j["order"]), answers)
             for j in jobs
         ]
-        n_items = len(row["responses"]) + 1
+        n_items = len(answers) + 1
         best_first, points = aggregate_folds(rankings, n_items)
         reference = next(
             (j["reply"].reference_answer for j in jobs if j["reply"].reference_answer), None
@@ -178,12 +190,34 @@ class JudgeRanker(EngineUDF):
             judge_raw=[j["raw"][-1] for j in jobs],
             judge=self.engine.name,
             scores=points,
+            origins=origins,
         )
         agreement = pairwise_agreement(rankings) if len(rankings) > 1 else None
         if record is None:
             return None, "excluded", "excluded: fewer than 2 ranked answers", agreement
         record["fold_rankings"] = json.dumps([[str(i) for i in r] for r in rankings])
         return record, "ok", None, agreement
+
+
+def judge_candidates(row: dict, include_original: bool) -> tuple[list[str], list[str]]:
+    """What the judge ranks: the student's samples, and the dataset's own answer when
+    ``include_original`` (the reference code adds the original answers to both training
+    sets), unless it repeats a sample. Returns (texts, origins).
+
+    >>> judge_candidates({"responses": ["a", "b"], "reference": "c"}, True)
+    (['a', 'b', 'c'], ['sample', 'sample', 'reference'])
+    >>> judge_candidates({"responses": ["a", "b"], "reference": " b "}, True)[1]
+    ['sample', 'sample']
+    >>> judge_candidates({"responses": ["a", "b"], "reference": "c"}, False)[0]
+    ['a', 'b']
+    """
+    answers = [str(a) for a in row["responses"]]
+    origins = ["sample"] * len(answers)
+    original = str(row.get("reference") or "").strip()
+    if include_original and original and original not in {a.strip() for a in answers}:
+        answers.append(str(row["reference"]))
+        origins.append("reference")
+    return answers, origins
 
 
 def _merge_duplicates(ranking: list, answers: list[str]) -> list:
@@ -202,7 +236,7 @@ CONTEXTUAL = StageSpec(
     name="rank_contextual",
     output="ranked",
     udf=JudgeRanker,
-    count_fields=("parse_failures", "api_failures", "judge_calls"),
+    count_fields=("parse_failures", "api_failures", "judge_calls", "reference_uncertain"),
     mean_fields=("fold_agreement",),
 )
 
@@ -219,5 +253,6 @@ def run_contextual(cfg: ContextualStageConfig, endpoints: dict[str, str] | None 
         "responses": None,
         "generator": "",
         "source": "",
+        "reference": "",
     }
     return run_from_config(CONTEXTUAL, cfg, read_ranked, columns, endpoints=endpoints)

@@ -8,10 +8,10 @@ instruction; instructions whose samples are too similar (any pair with ROUGE-L F
 threshold) are sampled again at a higher temperature, all open instructions of a batch in one
 engine call per trial (tuna_ray.ranking.diversity). Driven by ``runner.run_stage``.
 
-UDF input columns: id, instruction, input, source.
+UDF input columns: id, instruction, input, source, reference.
 Output records (``candidates.parquet``): id, instruction, input, prompt, responses[N],
 logprob_sums, num_tokens, generator, trials, kept_trial, temperatures, mean_rouge_l,
-max_rouge_l. UDF summary columns: id, status, reason, trials, resampled_instructions,
+max_rouge_l, source, reference (the dataset's answer, passed on to contextual ranking). UDF summary columns: id, status, reason, trials, resampled_instructions,
 dropped_empty (+ usage).
 """
 
@@ -100,6 +100,8 @@ class StudentSampler(EngineUDF):
             "mean_rouge_l": t.mean_rouge_l,
             "max_rouge_l": t.max_rouge_l,
             "source": row.get("source") or None,
+            # the dataset's own answer, for contextual ranking (``include_original``)
+            "reference": row.get("reference") or None,
         }
 
 
@@ -115,5 +117,5 @@ def run_sampling(cfg: SamplingStageConfig, endpoints: dict[str, str] | None = No
     """Run (or resume, or skip) student sampling; return its manifest."""
     from tuna_ray.data.readers import read_instructions
 
-    columns = {"id": None, "instruction": None, "input": "", "source": ""}
+    columns = {"id": None, "instruction": None, "input": "", "source": "", "reference": ""}
     return run_from_config(SAMPLING, cfg, read_instructions, columns, endpoints=endpoints)

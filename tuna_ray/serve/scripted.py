@@ -270,9 +270,49 @@ def ranking_reply(judge: JudgePrompt, rule: JudgeRule, *, as_json: bool = False)
         }
         return json.dumps(body)
     lines = [f"The instruction is {kind}.", "", f"###Response {len(judge.responses)}:", reference]
+    # A strong judge says which answers it dropped as duplicates; a ranking that leaves one out
+    # without saying so is a parse failure (tuna_ray.ranking.contextual.parse_ranking).
+    lines += [""] + [
+        f"Response {k} is a duplicate of Response {twin[t]}."
+        for k, t in enumerate(texts)
+        if twin[t] != k
+    ]
     lines += [""] + [f"Response {k}: {s}" for k, s in scores.items()]
     lines += ["", f"rank: [{', '.join(map(str, ranking))}]"]
     return "\n".join(lines)
+
+
+_FASTCHAT_PAIR = re.compile(
+    r"\[The Start of Assistant A's Answer\]\n(?P<a>.*)\n\[The End of Assistant A's Answer\]\n\n"
+    r"\[The Start of Assistant B's Answer\]\n(?P<b>.*)\n\[The End of Assistant B's Answer\]\s*\Z",
+    re.DOTALL,
+)
+_ALPACA_EVAL_PAIR = re.compile(
+    r'"model": "model_1",\n\s*"answer": """(?P<a>.*)"""\n\s*\},\n\s*\{\n\s*'
+    r'"model": "model_2",\n\s*"answer": """(?P<b>.*)"""\n\s*\}\n\]',
+    re.DOTALL,
+)
+
+
+def pairwise_reply(text: str, rule: str) -> str | None:
+    """A verdict for FastChat's pair-v2 or AlpacaEval's annotator prompt (None: neither).
+
+    The two answers are ranked by ``rule`` like the contextual judge's responses (ties and
+    ``index``: the answer shown first wins; identical answers: FastChat's tie ``[[C]]``,
+    AlpacaEval -- which has no tie -- model_1)."""
+    for name, pattern in (("fastchat", _FASTCHAT_PAIR), ("alpaca_eval", _ALPACA_EVAL_PAIR)):
+        match = pattern.search(text)
+        if match is None:
+            continue
+        ranking = rank_texts([match["a"], match["b"]], rule)
+        if name == "fastchat":
+            verdict = "C" if len(ranking) == 1 else "AB"[ranking[0]]
+            return f"Scripted judge ({rule}). Final verdict: [[{verdict}]]"
+        best = ranking[0]
+        return repr(
+            [{"model": f"model_{best + 1}", "rank": 1}, {"model": f"model_{2 - best}", "rank": 2}]
+        )
+    return None
 
 
 # ---- request -> response body ---------------------------------------------------------------
@@ -301,7 +341,10 @@ class ScriptedBackend:
             if not users:
                 raise ScriptedRequestError("judge mode: the request has no user message")
             as_json = (req.response_format or {}).get("type") == "json_schema"
-            texts = [ranking_reply(parse_judge_prompt(users[-1]), self.rule, as_json=as_json)]
+            reply = pairwise_reply(users[-1], self.rule)
+            if reply is None:
+                reply = ranking_reply(parse_judge_prompt(users[-1]), self.rule, as_json=as_json)
+            texts = [reply]
             texts *= req.n
         else:
             key = json.dumps([messages, req.seed])
