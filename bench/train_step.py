@@ -1,15 +1,23 @@
-"""Benchmark one Tuna optimizer step: our log-prob formulation against the reference code's.
+"""Benchmark one Tuna optimizer step on real Alpaca lengths: three formulations side by side.
 
-"ours" runs ``candidate_logprobs`` on a ``collate_ranked`` batch (padded to the longest sequence,
-output head only at response-predicting positions). "reference" pads every sequence to one
-length (``--reference-pad``: the max length, as the reference tokenizer does, or the longest)
-and runs ``reference_candidate_logprobs`` (full-vocabulary log-softmax everywhere, gather, mask).
-Both then take ``tuna_loss(...).total.backward()`` and an AdamW step.
+- ``reference``: the reference code's layout: every one of the B·N sequences padded to
+  ``--max-length``, full-vocabulary log-softmax at every position, gather, mask
+  (``reference_candidate_logprobs``);
+- ``padded``: B·N sequences padded to the longest, output head only where response tokens are
+  predicted (``candidate_logprobs``, the trainer's ``formulation: padded``);
+- ``packed``: each prompt computed once, answers packed without padding, chunked output head
+  (``tuna_ray.train.packing``, the trainer's default).
 
-Each variant runs in its own subprocess so that peak memory is measured separately; the parent
-prints a table and the ratio ours/reference. Random token ids, seeded, Alpaca-like lengths.
+Batches come from the shipped Alpaca records (jobs/data/alpaca_data_first200.json): B
+instructions, each with N answers drawn from the shipped outputs, rendered with the Alpaca
+template and tokenised by the trainer's own feature code with the model's tokenizer. Each
+variant runs in its own subprocess (peak memory is per process): one warm-up step, then
+``--steps`` timed steps (median). ``--repeats R`` runs the variants R times interleaved
+(reference, padded, packed, reference, ...) and takes the median over repeats. Every variant
+starts from the same weights on the same batch, so the warm-up losses must agree.
 
-    .venv/bin/python bench/train_step.py --batch 1 --steps 1
+    .venv/bin/python bench/train_step.py                     # quick: B=2
+    .venv/bin/python bench/train_step.py --batch 16 --repeats 1
 """
 
 from __future__ import annotations
@@ -19,53 +27,51 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-VARIANTS = ("ours", "reference")
+VARIANTS = ("reference", "padded", "packed")
+ALPACA = Path(__file__).resolve().parents[1] / "jobs" / "data" / "alpaca_data_first200.json"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="builtin:smollm2-135m-instruct")
     p.add_argument("--batch", type=int, default=2, help="instructions per step")
-    p.add_argument("--n", type=int, default=4, help="candidates per instruction")
+    p.add_argument("--n", type=int, default=4, help="answers per instruction")
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--reference-pad", choices=("max_length", "longest"), default="max_length")
-    p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved runs of every variant")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--variant", choices=VARIANTS, help="run one variant only (child process)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     return p.parse_args(argv)
 
 
-def make_rows(args, vocab_size: int, eos_id: int) -> list[dict]:
-    """B instructions x N candidates: prompt ~70 tokens, answers 20-200 tokens + EOS."""
+def real_rows(args, tokenizer) -> list[dict]:
+    """B shipped instructions x N shipped answers, tokenised as the trainer does."""
+    from tuna_ray.data.templates import render_prompt
+    from tuna_ray.train.features import tokenize_candidates
+
+    records = json.loads(ALPACA.read_text())
     rng = random.Random(args.seed)
     rows = []
-    for _ in range(args.batch):
-        prompt = [rng.randrange(100, vocab_size) for _ in range(rng.randint(60, 80))]
-        seqs = []
-        for _ in range(args.n):
-            answer = [rng.randrange(100, vocab_size) for _ in range(rng.randint(20, 200))]
-            seqs.append((prompt + answer + [eos_id])[: args.max_length])
-        rows.append({"input_ids": seqs, "prompt_len": [len(prompt)] * args.n})
+    for rec in rng.sample(records, args.batch):
+        answers = [rec["output"]] + [r["output"] for r in rng.sample(records, args.n - 1)]
+        prompt = render_prompt(rec["instruction"], rec.get("input") or "", template="alpaca")
+        ex = tokenize_candidates(prompt, answers, tokenizer, max_length=args.max_length)
+        rows.append({"input_ids": ex.input_ids, "prompt_len": ex.prompt_len})
     return rows
 
 
-def pad_to(batch, length: int, pad_id: int):
-    """Right-pad the [S, T] tensors of a RankingBatch to T = ``length``."""
-    extra = length - batch.input_ids.shape[1]
-    batch.input_ids = F.pad(batch.input_ids, (0, extra), value=pad_id)
-    batch.attention_mask = F.pad(batch.attention_mask, (0, extra), value=0)
-    batch.target_mask = F.pad(batch.target_mask, (0, extra), value=False)
-    return batch
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def current_rss_mb() -> float:
@@ -73,70 +79,88 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def build_batch(args, rows, pad_id, device):
+    import torch.nn.functional as F
+
+    from tuna_ray.train.collate import collate_ranked
+    from tuna_ray.train.packing import pack_ranked
+
+    if args.variant == "packed":
+        batch = pack_ranked(rows, pad_id)
+    else:
+        batch = collate_ranked(rows, pad_id)
+        if args.variant == "reference":
+            extra = args.max_length - batch.input_ids.shape[1]
+            batch.input_ids = F.pad(batch.input_ids, (0, extra), value=pad_id)
+            batch.attention_mask = F.pad(batch.attention_mask, (0, extra), value=0)
+            batch.target_mask = F.pad(batch.target_mask, (0, extra), value=False)
+    from dataclasses import fields, replace
+
+    return replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in fields(batch)})
 
 
 def run_variant(args) -> dict:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tuna_ray.models import resolve_model
-    from tuna_ray.train.collate import collate_ranked
-    from tuna_ray.train.logprobs import candidate_logprobs, reference_candidate_logprobs
+    from tuna_ray.train.logprobs import (
+        CandidateScorer,
+        candidate_logprobs,
+        reference_candidate_logprobs,
+    )
     from tuna_ray.train.loss import tuna_loss
 
     torch.manual_seed(args.seed)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=torch.float32)
-    model.to(device).train()
-    cfg = model.config
-    eos_id = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
-    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else eos_id
-    batch = collate_ranked(make_rows(args, cfg.vocab_size, eos_id), pad_id)
-    if args.variant == "reference":
-        longest = batch.input_ids.shape[1]
-        pad_to(batch, args.max_length if args.reference_pad == "max_length" else longest, pad_id)
-        logprob_fn = reference_candidate_logprobs
-    else:
-        logprob_fn = candidate_logprobs
-    for name in ("input_ids", "attention_mask", "target_mask"):
-        setattr(batch, name, getattr(batch, name).to(device))
+    path = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).train()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = real_rows(args, tokenizer)
+    batch = build_batch(args, rows, pad_id, device)
+    scorer = CandidateScorer(model)
+    forward = {
+        "reference": lambda: reference_candidate_logprobs(model, batch),
+        "padded": lambda: candidate_logprobs(model, batch),
+        "packed": lambda: scorer(batch),
+    }[args.variant]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
     rss_after_load = current_rss_mb()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         cuda_after_load = torch.cuda.memory_allocated()
 
-    def step():
+    def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        logprob_sum, num_tokens = logprob_fn(model, batch)
-        loss = tuna_loss(logprob_sum, num_tokens, batch.mask.to(device))
+        logprob_sum, num_tokens = forward()
+        loss = tuna_loss(logprob_sum, num_tokens, batch.mask)
         loss.total.backward()
         optimizer.step()
         if cuda:
             torch.cuda.synchronize()
+        return loss.total.item()
 
-    step()  # warm-up (also allocates the AdamW state)
-    start = time.perf_counter()
+    warmup_loss = step()  # also allocates the AdamW state
+    times = []
     for _ in range(args.steps):
+        start = time.perf_counter()
         step()
-    step_s = (time.perf_counter() - start) / args.steps
-
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    computed = batch.num_computed_tokens if args.variant == "packed" else batch.input_ids.numel()
     result = {
         "variant": args.variant,
-        "device": str(device),
         "real_tokens": batch.num_real_tokens,
-        "padded_tokens": batch.input_ids.numel(),
+        "computed_tokens": computed,
         "step_s": step_s,
         "tokens_per_s": batch.num_real_tokens / step_s,
         "peak_mb": peak_rss_mb() - rss_after_load,
+        "loss": warmup_loss,
     }
     if cuda:
         result["peak_mb"] = (torch.cuda.max_memory_allocated() - cuda_after_load) / 2**20
-        result["peak_rss_mb"] = peak_rss_mb() - rss_after_load
     return result
 
 
@@ -144,37 +168,46 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.variant:
-        result = run_variant(args)
-        print(json.dumps(result) if args.json else result)
+        print(json.dumps(run_variant(args)))
         return
-
     argv = sys.argv[1:] if argv is None else list(argv)
     print("command:", " ".join([sys.executable, *sys.argv]))
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     print(
         f"torch {torch.__version__}, threads {args.threads}, device {'cuda' if cuda else 'cpu'}"
-        f", model {args.model}, batch {args.batch} x n {args.n}, max length {args.max_length}"
-        f", reference pad {args.reference_pad}, steps {args.steps} (+1 warm-up)"
+        f", model {args.model}, batch {args.batch} x n {args.n} (shipped Alpaca lengths), "
+        f"max length {args.max_length}, median of {args.steps} steps (+1 warm-up) x "
+        f"{args.repeats} interleaved repeat(s)"
     )
-    results = {}
-    for variant in VARIANTS:
-        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--variant", variant, "--json"]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[variant] = json.loads(out.strip().splitlines()[-1])
-
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for _ in range(args.repeats):
+        for variant in VARIANTS:
+            cmd = [sys.executable, os.path.abspath(__file__), *argv, "--variant", variant]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            runs[variant].append(json.loads(out.strip().splitlines()[-1]))
     mem = "peak MB above model" + (" (CUDA alloc)" if cuda else " (RSS)")
-    header = f"{'variant':<10} {'real tok':>9} {'padded tok':>11} {'step s':>8} {'tok/s':>9}  {mem}"
-    print(header)
-    for r in results.values():
-        print(
-            f"{r['variant']:<10} {r['real_tokens']:>9} {r['padded_tokens']:>11} "
-            f"{r['step_s']:>8.2f} {r['tokens_per_s']:>9.1f}  {r['peak_mb']:.0f}"
-        )
-    ours, ref = results["ours"], results["reference"]
     print(
-        f"ratio ours/reference: tokens/s {ours['tokens_per_s'] / ref['tokens_per_s']:.2f}, "
-        f"peak memory {ours['peak_mb'] / ref['peak_mb']:.2f}"
+        f"{'variant':<10} {'real tok':>9} {'computed':>9} {'step s':>8} {'tok/s':>9} "
+        f"{'loss':>9}  {mem}"
     )
+    summary = {}
+    for variant, results in runs.items():
+        r = dict(results[0])
+        r["step_s"] = statistics.median(x["step_s"] for x in results)
+        r["tokens_per_s"] = r["real_tokens"] / r["step_s"]
+        r["peak_mb"] = max(x["peak_mb"] for x in results)
+        summary[variant] = r
+        print(
+            f"{variant:<10} {r['real_tokens']:>9} {r['computed_tokens']:>9} {r['step_s']:>8.2f} "
+            f"{r['tokens_per_s']:>9.1f} {r['loss']:>9.5f}  {r['peak_mb']:.0f}"
+        )
+    ref = summary["reference"]
+    for variant in ("padded", "packed"):
+        r = summary[variant]
+        print(
+            f"ratio {variant}/reference: tokens/s {r['tokens_per_s'] / ref['tokens_per_s']:.2f}, "
+            f"peak memory {r['peak_mb'] / ref['peak_mb']:.2f}"
+        )
 
 
 if __name__ == "__main__":

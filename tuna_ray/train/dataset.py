@@ -6,10 +6,12 @@ rendered ``prompt``, ``responses`` best-first. Output columns, one row per (epoc
     id: str, sample_index: int64 (position in the run's global sample order),
     input_ids: list[list[int32]] (valid candidates, best-first), prompt_len: list[int32],
     num_candidates: int32, num_truncated: int32, num_dropped: int32
+    (+ ``position``, ``rank`` after ``split_by_rank``)
 
 The global order (a seeded permutation per epoch) is fixed here, on the driver, so which samples
 make up step k never depends on how many workers read them or when they restart: a resumed run
-skips exactly the samples consumed before its checkpoint.
+skips exactly the samples consumed before its checkpoint. Tokenisation runs on an actor pool
+over the cluster's CPUs; ``split_by_rank`` then gives each training worker its own dataset.
 """
 
 from __future__ import annotations
@@ -111,6 +113,19 @@ def global_order(num_records: int, epochs: int, seed: int) -> list[int]:
     return order
 
 
+SAMPLES_PER_TOKENIZE_ACTOR = 4096  # ~2 s of work per actor: more actors would cost more to start
+
+
+def _tokenize_actors(requested: int | None, num_samples: int) -> int:
+    """Tokenisation actors: as asked, else one per 4096 samples, at most the cluster's CPUs."""
+    if requested is not None:
+        return requested
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(cpus, -(-num_samples // SAMPLES_PER_TOKENIZE_ACTOR)))
+
+
 def build_training_dataset(
     records: list[dict],
     *,
@@ -122,9 +137,14 @@ def build_training_dataset(
     seed: int,
     min_candidates: int,
     max_candidates: int | None = None,
-    num_tokenize_actors: int = 1,
+    num_tokenize_actors: int | None = None,
 ):
-    """Tokenise ``records`` in Ray Data; return ``(materialised dataset, DatasetStats)``."""
+    """Tokenise ``records`` in Ray Data, in parallel; return ``(dataset, DatasetStats)``.
+
+    The dataset holds the usable samples in global sample order (materialised). Order is kept
+    by this dataset's own execution options, never by the driver-wide ``DataContext``, which
+    the stages that run after training in the same driver share.
+    """
     import ray.data
 
     items = []
@@ -140,24 +160,21 @@ def build_training_dataset(
                 "responses": list(rec["responses"]),
             }
         )
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    tokenized = (
-        ray.data.from_items(items)
-        .map_batches(
-            TokenizeRanked,
-            fn_constructor_kwargs={
-                "model_path": model_path,
-                "template": template,
-                "system_prompt": system_prompt,
-                "max_length": max_length,
-                "max_candidates": max_candidates,
-            },
-            batch_size=64,
-            compute=ray.data.ActorPoolStrategy(size=num_tokenize_actors),
-        )
-        .materialize()
-    )
+    actors = _tokenize_actors(num_tokenize_actors, len(items))
+    source = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), actors * 4)))
+    source.context.execution_options.preserve_order = True
+    tokenized = source.map_batches(
+        TokenizeRanked,
+        fn_constructor_kwargs={
+            "model_path": model_path,
+            "template": template,
+            "system_prompt": system_prompt,
+            "max_length": max_length,
+            "max_candidates": max_candidates,
+        },
+        batch_size=64,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+    ).materialize()
     counts = tokenized.select_columns(
         ["num_candidates", "num_truncated", "num_dropped"]
     ).to_pandas()
@@ -171,3 +188,51 @@ def build_training_dataset(
         max_candidates=int(counts["num_candidates"].max()) if len(counts) else 0,
     )
     return kept, stats
+
+
+def rank_of(position, *, global_batch: int, world: int):
+    """The rank that trains the sample at ``position`` (an int or an array of them).
+
+    >>> [rank_of(q, global_batch=4, world=2) for q in range(8)]
+    [0, 1, 0, 1, 0, 1, 0, 1]
+    """
+    return (position % global_batch) % world
+
+
+def _add_positions(batch, *, position_of, global_batch: int, world: int):
+    """``position`` in the global order of usable samples (-1: past the last full step), and
+    the rank that trains it. On Arrow tables: the ragged token columns pass through as they
+    are (a NumPy batch would turn them into object arrays Arrow cannot take back)."""
+    import pyarrow as pa
+
+    position = np.asarray(position_of)[batch.column("sample_index").to_numpy()]
+    rank = np.where(position >= 0, rank_of(position, global_batch=global_batch, world=world), -1)
+    return batch.append_column("position", pa.array(position)).append_column(
+        "rank", pa.array(rank)
+    )
+
+
+def split_by_rank(kept, *, world: int, global_batch: int, total_steps: int) -> dict:
+    """``{"rank<r>": dataset}``: each rank's samples of the first ``total_steps`` steps, in order.
+
+    Position q of the kept samples (in global order) belongs to step q // G and rank
+    (q % G) % world, so every rank gets exactly micro_batch x grad_accum samples of each step.
+    Each rank's dataset is materialised on its own: a worker pulls its share, never the whole
+    dataset.
+    """
+    order = np.sort(kept.select_columns(["sample_index"]).to_pandas()["sample_index"].to_numpy())
+    position_of = np.full(int(order.max()) + 1 if len(order) else 0, -1, dtype=np.int64)
+    used = order[: total_steps * global_batch]
+    position_of[used] = np.arange(len(used))
+    kept.context.execution_options.preserve_order = True
+    positioned = kept.map_batches(
+        _add_positions,
+        fn_kwargs={"position_of": position_of, "global_batch": global_batch, "world": world},
+        batch_format="pyarrow",
+    ).materialize()
+    datasets = {}
+    for r in range(world):
+        part = positioned.filter(expr=f"rank == {r}")
+        part.context.execution_options.preserve_order = True
+        datasets[f"rank{r}"] = part.materialize()
+    return datasets

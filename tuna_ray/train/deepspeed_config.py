@@ -2,7 +2,7 @@
 
 The optimizer and LR schedule are built in the train loop and handed to ``deepspeed.initialize``
 (so CPU runs need no compiled fused optimizer); the dict carries batch geometry, ZeRO stage,
-offload, precision and clipping.
+offload, precision and clipping (none by default, as the reference).
 """
 
 from __future__ import annotations
@@ -38,11 +38,12 @@ def build_deepspeed_config(train: TrainConfig, *, precision: str) -> dict[str, A
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
-        "gradient_clipping": train.optim.max_grad_norm,
         "zero_optimization": zero,
         "steps_per_print": 10**9,  # we log through ray.train.report
         "wall_clock_breakdown": False,
     }
+    if train.optim.max_grad_norm is not None:
+        config["gradient_clipping"] = train.optim.max_grad_norm
     if train.offload_optimizer:
         # DeepSpeedCPUAdam is passed as the client optimizer; tell ZeRO that is intended.
         config["zero_force_ds_cpu_optimizer"] = True

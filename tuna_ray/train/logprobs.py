@@ -62,3 +62,42 @@ def reference_candidate_logprobs(model, batch: RankingBatch) -> tuple[torch.Tens
 def _to_grid(per_seq: torch.Tensor, batch: RankingBatch) -> torch.Tensor:
     grid = torch.zeros(batch.mask.shape, dtype=per_seq.dtype, device=per_seq.device)
     return grid.index_put((batch.cand_row.to(grid.device), batch.cand_col.to(grid.device)), per_seq)
+
+
+class CandidateScorer(torch.nn.Module):
+    """The module handed to ``deepspeed.initialize``: decoder + response-only output head +
+    per-candidate log-prob reduction, called as ``engine(batch)``.
+
+    DeepSpeed's bookkeeping lives in ``DeepSpeedEngine.forward`` and in hooks on the top-level
+    module: under ZeRO-3 the micro-step counter that makes gradient accumulation add up (instead
+    of each micro-batch overwriting the last) and the parameter-prefetch trace reset. Calling
+    the causal LM's submodules directly bypasses both; wrapping the whole computation in one
+    module and calling the engine keeps them. ``lm`` is the Hugging Face model (exported as is).
+
+    ``forward(batch) -> (logprob_sum [B, N], num_tokens [B, N])`` for a packed batch
+    (tuna_ray.train.packing, the default) or a padded one (``candidate_logprobs``).
+    """
+
+    def __init__(self, lm: torch.nn.Module, *, head_chunk_logits: int | None = None):
+        super().__init__()
+        self.lm = lm
+        self.plain_head = _has_plain_head(lm)
+        self.head_chunk_logits = head_chunk_logits
+        head = lm.get_output_embeddings()
+        if self.plain_head and hasattr(head.weight, "ds_id"):
+            # ZeRO-3: the packed path reads the head's weight in this module's forward (one
+            # gather per forward, however many chunks): tell DeepSpeed to gather it here.
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(self, head.weight)
+            if head.bias is not None:
+                deepspeed.zero.register_external_parameter(self, head.bias)
+
+    def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        from tuna_ray.train.packing import PackedBatch, packed_candidate_logprobs
+
+        if isinstance(batch, PackedBatch):
+            return packed_candidate_logprobs(
+                self.lm, batch, plain_head=self.plain_head, chunk_logits=self.head_chunk_logits
+            )
+        return candidate_logprobs(self.lm, batch)

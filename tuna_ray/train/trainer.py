@@ -43,8 +43,17 @@ def plan_steps(
 
 # Fields that change how a run is operated, not what it computes: a rerun may change them.
 _OPERATIONAL = {
-    "train": {"fail_at_step", "fail_rank", "log_every", "checkpoint_every", "keep_checkpoints"},
-    "scaling": {"max_failures", "cpus_per_worker"},
+    "train": {
+        "fail_at_step",
+        "fail_rank",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "checkpoint_upload",
+        "head_chunk_logits",
+        "keep_checkpoints_after_export",
+    },
+    "scaling": {"max_failures", "cpus_per_worker", "tokenize_actors", "accelerator_type"},
     "run": True,
 }
 
@@ -63,7 +72,9 @@ def _check_run_dir(run_dir: str, digest: str, on_change: str) -> dict | None:
     previous = storage.read_text(stamp).strip()
     if previous != digest and on_change == "restart":
         log.warning("%s: training config changed, starting this run over", run_dir)
-        storage.delete_dir(run_dir)
+        from tuna_ray import lease
+
+        lease.clear_dir(run_dir)  # everything but the lease this run holds
         return None
     if previous != digest:
         raise ValueError(
@@ -75,17 +86,31 @@ def _check_run_dir(run_dir: str, digest: str, on_change: str) -> dict | None:
 
 
 def run_training(cfg: TrainJobConfig) -> TrainOutcome:
+    """Train (or resume, or skip when finished) the run ``storage_path/name``.
+
+    The run directory must be writable before any work, and one run at a time may hold it (a
+    lease, tuna_ray.lease; it nests with the pipeline's own lease on the same folder)."""
+    from tuna_ray import lease
+
+    run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
+    storage.check_writable(run_dir)  # before any work
+    with lease.hold_lease(run_dir, what=f"train {cfg.run.name}"):
+        return _run_training(cfg, run_dir)
+
+
+def _run_training(cfg: TrainJobConfig, run_dir: str) -> TrainOutcome:
+    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tuna_ray.data.readers import read_ranked
+    from tuna_ray import lease
+    from tuna_ray.data.readers import read_ranked, require_records
     from tuna_ray.ray_setup import check_resources, ensure_ray
-    from tuna_ray.train.dataset import build_training_dataset
+    from tuna_ray.train.dataset import build_training_dataset, split_by_rank
     from tuna_ray.train.loop import train_loop_per_worker
 
     started = time.time()
     tc, sc = cfg.train, cfg.scaling
-    run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
     min_candidates = 1 if tc.mode == "sft" else 2
 
     digest = result_hash(cfg)
@@ -98,6 +123,7 @@ def run_training(cfg: TrainJobConfig) -> TrainOutcome:
         cfg.data.path, on_error=cfg.data.on_error, fmt=cfg.data.format, min_responses=min_candidates
     )
     records = read.records[: cfg.data.limit]
+    require_records(records, read, cfg.data.path, stage="train")
     if tc.mode == "sft":  # SFT trains on the best (or only) answer of each record
         records = [{**r, "responses": r["responses"][:1]} for r in records]
     log.info("read %d records from %s (skipped: %s)", len(records), cfg.data.path, read.skipped)
@@ -118,6 +144,7 @@ def run_training(cfg: TrainJobConfig) -> TrainOutcome:
         seed=tc.seed,
         min_candidates=min_candidates,
         max_candidates=tc.max_candidates,
+        num_tokenize_actors=sc.tokenize_actors,
     )
     kept = stats.samples - stats.excluded_too_few_candidates
     total_steps, dropped_tail = plan_steps(
@@ -134,7 +161,14 @@ def run_training(cfg: TrainJobConfig) -> TrainOutcome:
             f"(micro_batch_size x gradient_accumulation_steps x num_workers); lower them"
         )
 
+    global_batch = tc.micro_batch_size * tc.gradient_accumulation_steps * sc.num_workers
+    datasets = split_by_rank(
+        dataset, world=sc.num_workers, global_batch=global_batch, total_steps=total_steps
+    )
     storage.write_text(storage.join(run_dir, "train_config_hash.txt"), digest + "\n")
+    # Each rank reads its samples in global order (loop.py). Built directly: Ray's
+    # default_ingest_options() copies deprecated fields and warns on every run.
+    ingest = ray.data.ExecutionOptions(preserve_order=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -147,6 +181,7 @@ def run_training(cfg: TrainJobConfig) -> TrainOutcome:
         scaling_config=ray.train.ScalingConfig(
             num_workers=sc.num_workers,
             use_gpu=sc.use_gpu,
+            accelerator_type=sc.accelerator_type if sc.use_gpu else None,
             resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})},
         ),
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
@@ -156,12 +191,13 @@ def run_training(cfg: TrainJobConfig) -> TrainOutcome:
             failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
         ),
-        datasets={"train": dataset},
-        # Every worker reads the whole ordered dataset and keeps its own slice (see loop.py).
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        # One dataset per rank ("rank<r>"), read whole by that rank only (see loop.py).
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest),
     )
     result = trainer.fit()
     model_dir = storage.join(run_dir, "hf_model") if tc.export else None
+    export_stats = storage.join(run_dir, "export_stats.json")
     report = {
         "stage": "train",
         "mode": tc.mode,
@@ -178,8 +214,32 @@ def run_training(cfg: TrainJobConfig) -> TrainOutcome:
         "total_steps": total_steps,
         "final_metrics": result.metrics,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoints_pruned": [],
         "model_dir": model_dir,
+        "export": storage.read_json(export_stats) if storage.exists(export_stats) else None,
         "wall_time_s": round(time.time() - started, 1),
     }
+    if model_dir is not None and not tc.keep_checkpoints_after_export:
+        # The exported model is what later stages and users load; the optimizer checkpoints
+        # (3x the model's size and more) only serve a resume, and this run is finished.
+        report["checkpoints_pruned"] = prune_checkpoints(run_dir)
+        report["checkpoint"] = None
+    lease.check_held(run_dir)  # never mark a run finished that another run took over
     storage.write_json(storage.join(run_dir, "train_report.json"), report)
     return TrainOutcome(run_dir=run_dir, model_dir=model_dir, report=report)
+
+
+def prune_checkpoints(run_dir: str) -> list[str]:
+    """Delete the ``checkpoint_step*`` folders of a finished run; return their names."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(run_dir)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(
+        i.base_name
+        for i in infos
+        if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_step")
+    )
+    for name in names:
+        storage.delete_dir(storage.join(run_dir, name))
+    return names
