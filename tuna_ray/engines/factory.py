@@ -2,7 +2,8 @@
 
 engine: {kind: openai, base_url: https://api.openai.com/v1, model: gpt-4o-mini, qps: 5}
 engine: {kind: hf, model: builtin:smollm2-135m-instruct}
-engine: {kind: vllm, model: meta-llama/Llama-2-7b-hf, tensor_parallel_size: 2, replicas: 4}
+engine: {kind: vllm, model: meta-llama/Llama-2-7b-hf, tensor_parallel_size: 2}
+(one engine per Ray Data actor: the stage's ``scaling.actors`` are the replicas)
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ EngineConfig = Annotated[
 
 
 def build_engine(spec: OpenAIEngineSpec | HFEngineSpec | VLLMEngineSpec):
-    """An Engine for the actor-based stages (openai, hf); vLLM runs as a Ray Data processor."""
+    """An Engine for the stages' Ray Data actors: one per actor, serving every pass."""
     if isinstance(spec, OpenAIEngineSpec):
         from tuna_ray.engines.openai_engine import OpenAIEngine
 
@@ -52,4 +53,6 @@ def build_engine(spec: OpenAIEngineSpec | HFEngineSpec | VLLMEngineSpec):
         return HFEngine(
             spec.model, device=spec.device, dtype=spec.dtype, batch_size=spec.batch_size
         )
-    raise TypeError(f"engine kind {spec.kind!r} does not run inside an actor; see run_vllm")
+    from tuna_ray.engines.vllm_engine import VLLMEngine
+
+    return VLLMEngine(VLLMEngineConfig(**spec.model_dump(exclude={"kind"})))
