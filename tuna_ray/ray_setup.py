@@ -1,34 +1,95 @@
-"""Connecting to Ray: join the cluster we run in, or start a local one with room for data tasks."""
+"""Connecting to Ray: join the cluster we run in, or start a private local one.
+
+Inside ``ray job submit`` (RAY_ADDRESS set) or with an explicit address, the driver joins that
+cluster. Otherwise it starts its *own* local Ray on a free GCS port and addresses it
+explicitly: the job's processes (workers, Ray Train's and Ray Data's helper actors) get
+``RAY_ADDRESS`` pointing at it, so another Ray on the same machine (a second run, a notebook, a
+test session) never makes Ray's helpers ask "which instance?" ("Found multiple active Ray
+instances"). The instance lives and dies with the driver, as any ``ray.init`` one does.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 
 log = logging.getLogger(__name__)
+# A local run is a CPU run: DeepSpeed need not probe for accelerators (and warn on every rank).
+_QUIET = {"DS_ACCELERATOR": "cpu"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_local_ray(num_cpus: int) -> str:
+    """Start a private local Ray with ``num_cpus`` logical CPUs; return its GCS address."""
+    import ray
+
+    # A private, driver-owned local Ray on this machine: no token to hand around.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    port = int(os.environ.get("RAY_GCS_SERVER_PORT") or _free_port())
+    address = f"127.0.0.1:{port}"
+    log.info("starting a private local Ray (%s, %d logical CPUs)", address, num_cpus)
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # how ray.init picks its GCS port
+    try:
+        ray.init(
+            # "local": always a new instance; None would join one that `ray start` left running
+            address="local",
+            num_cpus=num_cpus,
+            # The state API (Ray Train's placement-group cleaner polls it) is served by the
+            # dashboard process; without it the cleaner logs a warning every few seconds.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=_free_port(),
+            log_to_driver=True,
+            runtime_env={"env_vars": {"RAY_ADDRESS": address, **_QUIET}},
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
+    return address
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's own progress bars and per-dataset INFO lines off in this process: the stages
+    print their own progress (records done, rate, ETA), and a run that succeeds stays short."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.enable_auto_log_stats = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # ... which it would announce with a warning in every process
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def ensure_ray(address: str | None = None, *, min_cpus: float = 0) -> None:
     """Initialise Ray once.
 
     Inside ``ray job submit`` (RAY_ADDRESS set) or with an explicit address, join that cluster.
-    Otherwise start a local Ray with at least ``min_cpus`` + 2 logical CPUs: training workers
-    hold their CPUs for the whole run, and Ray Data tasks need CPUs of their own beside them
-    (on a 2-core laptop with 2 workers and 2 logical CPUs the data pipeline would wait forever).
+    Otherwise start a private local Ray with at least ``min_cpus`` + 2 logical CPUs: training
+    workers hold their CPUs for the whole run, and Ray Data tasks need CPUs of their own beside
+    them (on a 2-core laptop with 2 workers and 2 logical CPUs the data pipeline would wait
+    forever).
     """
     import ray
 
     if ray.is_initialized():
         return
+    quiet_ray_data()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    # A private, driver-owned local Ray on this machine: no token to hand around.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    num_cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999) + 2)
-    log.info("starting a local Ray with %d logical CPUs", num_cpus)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    start_local_ray(max(os.cpu_count() or 1, int(min_cpus + 0.999) + 2))
 
 
 def check_resources(*, cpus: float, gpus: float, what: str) -> None:
