@@ -52,7 +52,7 @@ def _section_defaults():
     from pydantic import BaseModel
 
     import tuna_ray.config as config_module
-    import tuna_ray.pipeline as pipeline_module
+    import tuna_ray.pipeline.stages as pipeline_module
 
     for module in (config_module, pipeline_module):
         for _, cls in inspect.getmembers(module, inspect.isclass):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,7 @@ import pytest
 from tests.support import REPO, assert_ok, run_cli
 
 pytestmark = pytest.mark.slow
-STAGES = ["rank_probabilistic", "train_p", "sample", "rank_contextual", "train_c"]
+STAGES = ["rank_probabilistic", "train_p", "sample", "rank_contextual", "train_c", "eval"]
 
 
 def _stage_status(proc) -> dict[str, str]:
@@ -24,7 +25,12 @@ def _stage_status(proc) -> dict[str, str]:
     return json.JSONDecoder().raw_decode(proc.stdout[start:])[0]["stages"]
 
 
-def test_whole_schedule_then_rerun_skips_and_redoes_only_what_changed(tmp_path):
+def _attempts(run_dir: Path) -> dict[str, int]:
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    return {name: len(entry["attempts"]) for name, entry in stages.items()}
+
+
+def test_whole_schedule_with_evaluation_then_rerun_skips_and_redoes_only_what_changed(tmp_path):
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
@@ -35,34 +41,107 @@ def test_whole_schedule_then_rerun_skips_and_redoes_only_what_changed(tmp_path):
     for stage in ("rank_probabilistic", "sample", "rank_contextual"):
         manifest = json.loads((run_dir / stage / "manifest.json").read_text())
         assert manifest["counts"]["failed"] == 0 and manifest["input"]["used"] == 16
+        assert manifest["usage_total"]["completion_tokens"] > 0  # every stage counts tokens
     for stage in ("train_p", "train_c"):
-        assert json.loads((run_dir / stage / "train_report.json").read_text())["total_steps"] > 0
+        train_report = json.loads((run_dir / stage / "train_report.json").read_text())
+        assert train_report["total_steps"] > 0
+        assert not list((run_dir / stage).glob("checkpoint_step*"))  # pruned after export
     AutoModelForCausalLM.from_pretrained(run_dir / "train_c" / "hf_model")
+    # The evaluation: the start model, Tuna_p and Tuna on the same tasks, at the report's top.
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert set(results["models"]) == {"start", "tuna_p", "tuna"}
+    for model in results["models"].values():
+        assert model["tasks"]["alpaca_eval_ranked"]["pairs"] == 48
+        assert model["tasks"]["vicuna_qa"]["n"] == 8
     report = (run_dir / "report.md").read_text()
-    assert (
-        all(s in report for s in STAGES) and (run_dir / "report" / "train_c_training.png").exists()
-    )
+    assert report.index("## Evaluation") < report.index("## Summary")
+    assert report.index("| start |") < report.index("| tuna_p |") < report.index("| tuna |")
+    assert "scripted stand-in" in report  # what stood in for what
+    assert all(s in report for s in STAGES)
+    assert (run_dir / "report" / "train_c_training.png").exists()
+    assert (run_dir / "report" / "evaluation.png").exists()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and _attempts(run_dir) == dict.fromkeys(STAGES, 1)
 
     again = run_cli(*args)  # nothing changed: every stage skipped, no server started
     assert_ok(again)
-    assert _stage_status(again) == dict.fromkeys(STAGES, "skipped")
     assert "starting embedded server" not in again.stderr
-
-    shutil.rmtree(run_dir / "train_c")  # the last stage's output is gone: only it is redone
-    redo = run_cli(*args)
-    assert_ok(redo)
-    assert _stage_status(redo) == {**dict.fromkeys(STAGES[:-1], "skipped"), "train_c": "ran"}
+    assert _stage_status(again) == dict.fromkeys(STAGES, "ran")  # as it ended, not "skipped"
+    assert _attempts(run_dir) == dict.fromkeys(STAGES, 1)
+    assert (run_dir / "report.md").read_text() == report  # a no-op rerun loses no figure
 
     # A changed stage config re-runs that stage and every stage after it.
-    changed = run_cli(*args, "contextual.shuffle=true")
+    changed = run_cli(*args, "train_c.optim.learning_rate=2e-4")
     assert_ok(changed)
-    assert _stage_status(changed) == {
-        "rank_probabilistic": "skipped",
-        "train_p": "skipped",
-        "sample": "skipped",
-        "rank_contextual": "ran",
-        "train_c": "ran",
-    }
+    assert _stage_status(changed) == dict.fromkeys(STAGES, "ran")
+    assert "[5/6] train_c: starting" in changed.stderr and "[6/6] eval: starting" in changed.stderr
+    assert "[4/6] rank_contextual: finished before, skipped" in changed.stderr
+
+
+def test_ctrl_c_keeps_the_work_and_the_rerun_resumes_beside_another_ray(tmp_path):
+    """Ctrl-C in the teacher stage: one line, the parts written so far kept, the record says
+    "interrupted"; the rerun -- with a second Ray instance running on the machine -- resumes
+    with the missing ids only, prints no traceback, and the report counts both attempts."""
+    run_dir = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "tuna_ray", "run", "--config", "jobs/configs/tiny-cpu.yaml",
+        f"run_dir={run_dir}", "variant=tuna_p", "eval=null",
+        "probabilistic.scaling.batch_size=2",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    parts = run_dir / "rank_probabilistic" / "parts"
+    deadline = time.time() + 600
+    while not (parts.exists() and len(list(parts.glob("*.parquet"))) >= 2):
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        assert time.time() < deadline, "no part written in time"
+        time.sleep(0.5)
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 130, err[-3000:]
+    assert err.rstrip().splitlines()[-1].startswith("tuna-ray run: interrupted: ")
+    assert "Traceback" not in err, err[-3000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    assert manifest["stages"]["rank_probabilistic"]["status"] == "interrupted"
+    assert "interrupted" in (run_dir / "report.md").read_text()
+    kept = len(list(parts.glob("*.parquet")))
+
+    other = _start_other_ray(tmp_path)
+    try:
+        second = run_cli(*args[3:])
+    finally:
+        _stop_other_ray(other)
+    assert_ok(second)
+    assert "Traceback" not in second.stderr and "multiple active Ray" not in second.stderr
+    rank_p = json.loads((run_dir / "rank_probabilistic" / "manifest.json").read_text())
+    assert rank_p["counts"]["done_before"] == 2 * kept  # 2 records per part
+    assert rank_p["counts"]["ranked"] == 16
+    # the usage of the interrupted attempt's parts is in the total, not only this run's
+    total, this_run = rank_p["usage_total"], rank_p["usage_this_run"]
+    assert total["completion_tokens"] > this_run["completion_tokens"] > 0
+    status = _stage_status(second)
+    assert status == {"rank_probabilistic": "resumed", "train_p": "ran"}
+    report = (run_dir / "report.md").read_text()
+    assert "resumed (2 attempts)" in report
+
+
+def _start_other_ray(tmp_path: Path) -> subprocess.Popen:
+    """Another Ray on this machine (someone else's notebook, say), left running."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    return subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--port=0", "--num-cpus=1",
+         "--include-dashboard=false", "--disable-usage-stats"],
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+
+def _stop_other_ray(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
 
 
 def test_ray_job_submit_runs_the_pipeline_on_a_local_head(tmp_path):

@@ -1,10 +1,15 @@
 """``tuna-ray`` command line: one entry point, one subcommand per stage.
 
-tuna-ray train --config jobs/configs/train-demo-cpu.yaml [dotted.key=value ...]
-tuna-ray rank-probabilistic --config jobs/configs/<name>.yaml [key=value ...]
-tuna-ray eval --config jobs/configs/eval-<name>.yaml [key=value ...]
-tuna-ray serve --model builtin:smollm2-135m-instruct [--port 0]
-tuna-ray prepare-model smollm2-135m-instruct      # convert/cache a builtin model
+  tuna-ray run --config jobs/configs/demo-cpu.yaml                 # the whole Tuna pipeline
+  tuna-ray run --config jobs/configs/demo-cpu.yaml --print-config  # what it would run
+  tuna-ray train --config jobs/configs/train-demo-cpu.yaml train.epochs=2
+  tuna-ray eval --config jobs/configs/eval-ranking-agreement-cpu.yaml
+  tuna-ray serve --model builtin:smollm2-135m-instruct --port 0
+  tuna-ray prepare-model smollm2-135m-instruct      # convert/cache a builtin model
+
+Every stage command takes a YAML config and dotted ``key=value`` overrides; ``--print-config``
+prints the fully resolved config and exits (no Ray, nothing written); ``tuna-ray CMD --help``
+lists the command's config sections.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ import argparse
 import importlib
 import json
 import logging
+import re
 import sys
+import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 
 
 def _train(cfg) -> dict:
@@ -58,36 +66,108 @@ def _eval(cfg) -> dict:
     return run_eval(cfg)
 
 
-def _stages() -> dict[str, tuple[str, str, Callable]]:
-    """command -> (help, config class name in tuna_ray.config, or "module:Class", runner)."""
+@dataclass(frozen=True)
+class Command:
+    help: str
+    config: str  # "module:Class" of its config model
+    run: Callable[[object], dict]
+    examples: tuple[str, ...]  # each runs as shown (tests/test_cli.py runs them)
+    resumes: str  # what Ctrl-C keeps and how to go on
+
+
+def commands() -> dict[str, Command]:
+    train_c = "tuna-ray train --config jobs/configs/train-demo-cpu.yaml"
+    resumes_stage = "every finished batch is kept in output_dir; rerun the same command to resume"
     return {
-        "run": ("the whole Tuna pipeline, stage after stage (resumable)", "PipelineConfig", _run),
-        "train": (
+        "run": Command(
+            "the whole Tuna pipeline, stage after stage (resumable)",
+            "tuna_ray.pipeline:PipelineConfig",
+            _run,
+            (
+                "tuna-ray run --config jobs/configs/demo-cpu.yaml",
+                (
+                    "tuna-ray run --config jobs/configs/demo-cpu.yaml"
+                    " train_p.optim.learning_rate=2e-5 --print-config"
+                ),
+            ),
+            "finished stages and the stage in flight's written parts are kept in run_dir; "
+            "rerun the same command to resume",
+        ),
+        "train": Command(
             "finetune with the Tuna loss (or SFT) on Ray Train + DeepSpeed",
-            "TrainJobConfig",
+            "tuna_ray.config:TrainJobConfig",
             _train,
+            (train_c, f"{train_c} train.optim.learning_rate=2e-5 train.epochs=2 --print-config"),
+            "checkpoints are kept in the run dir; rerun the same command to resume from the last",
         ),
-        "sample": (
+        "sample": Command(
             "the student samples N diverse answers per instruction",
-            "SamplingStageConfig",
+            "tuna_ray.config:SamplingStageConfig",
             _sample,
+            ("tuna-ray sample --config jobs/configs/sample-smollm2-cpu.yaml --print-config",),
+            resumes_stage,
         ),
-        "rank-probabilistic": (
+        "rank-probabilistic": Command(
             "teacher samples N answers, ranked by mean token log-prob",
-            "ProbabilisticStageConfig",
+            "tuna_ray.config:ProbabilisticStageConfig",
             _rank_probabilistic,
+            (
+                (
+                    "tuna-ray rank-probabilistic --config jobs/configs/rank-probabilistic-tiny.yaml"
+                    " sampling.max_tokens=32 --print-config"
+                ),
+            ),
+            resumes_stage,
         ),
-        "rank-contextual": (
+        "rank-contextual": Command(
             "a judge LLM ranks each instruction's candidates in one prompt",
-            "ContextualStageConfig",
+            "tuna_ray.config:ContextualStageConfig",
             _rank_contextual,
+            (
+                (
+                    "tuna-ray rank-contextual --config jobs/configs/rank-contextual-tiny.yaml"
+                    " folds=3 shuffle=true --print-config"
+                ),
+            ),
+            resumes_stage,
         ),
-        "eval": (
+        "eval": Command(
             "evaluate models: pairwise judge, Super-NI ROUGE-L, ranking agreement",
             "tuna_ray.eval.config:EvalConfig",
             _eval,
+            ("tuna-ray eval --config jobs/configs/eval-ranking-agreement-cpu.yaml --print-config",),
+            "finished tasks are cached in output_dir; rerun the same command to resume",
         ),
     }
+
+
+def config_model(command: Command):
+    module, _, name = command.config.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _type_name(annotation) -> str:
+    """``Literal['a', 'b']`` -> ``a|b``; ``tuna_ray.config.TrainConfig | None`` -> the same
+    without module paths."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return "|".join(str(a) for a in args)
+    text = getattr(annotation, "__name__", None) or str(annotation)
+    return re.sub(r"\b(?:[a-z_]\w*\.)+(?=\w)", "", text)
+
+
+def _sections(model) -> str:
+    """The config's top-level fields: name, type, default (or "required")."""
+    lines = []
+    for name, field in model.model_fields.items():
+        if field.is_required():
+            default = "required"
+        elif isinstance(field.default, str | int | float | bool) or field.default is None:
+            default = f"default {field.default!r}"
+        else:
+            default = "a section"
+        lines.append(f"  {name}: {_type_name(field.annotation)} ({default})")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,14 +176,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, _, _) in _stages().items():
-        p = sub.add_parser(name, help=help_text)
+    for name, command in commands().items():
+        model = config_model(command)
+        epilog = (
+            "examples:\n"
+            + "".join(f"  {e}\n" for e in command.examples)
+            + f"\nconfig sections ({command.config.replace(':', '.')}; every field, its default "
+            "and meaning, is in that class; unknown keys are errors):\n"
+            + _sections(model)
+            + "\n\n--print-config shows every value the run would use, defaults included."
+        )
+        p = sub.add_parser(
+            name,
+            help=command.help,
+            description=command.help,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("--config", required=True, help="YAML config file")
+        p.add_argument(
+            "--print-config",
+            action="store_true",
+            help="print the fully resolved config as YAML and exit (no Ray, nothing written)",
+        )
         p.add_argument(
             "overrides",
             nargs="*",
             metavar="key=value",
-            help="dotted overrides, e.g. train.optim.learning_rate=2e-5",
+            help="dotted overrides of the config (see the examples below)",
         )
     from tuna_ray.serve import server
 
@@ -111,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare-model", help="build a builtin model folder and print its path")
     prep.add_argument("name", help="builtin model name, e.g. smollm2-135m-instruct")
     return parser
+
+
+def resolved_config(command: str, cfg) -> dict:
+    """What ``--print-config`` prints: the config with every default; for ``run``, also each
+    stage's own config as the pipeline will run it."""
+    dumped = cfg.model_dump(mode="json")
+    if command != "run":
+        return dumped
+    from tuna_ray.pipeline import plan
+
+    stages = {s.name: s.config.model_dump(mode="json") for s in plan(cfg)}
+    return {"pipeline": dumped, "stages": stages}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,25 +243,28 @@ def main(argv: list[str] | None = None) -> int:
 
     from pydantic import ValidationError
 
-    import tuna_ray.config as config_module
-    import tuna_ray.pipeline as pipeline_module
+    from tuna_ray.config import load_config
     from tuna_ray.data.records import RecordError
     from tuna_ray.lease import LeaseHeldError, LeaseLostError
+    from tuna_ray.pipeline import StageFailedError
     from tuna_ray.ranking.runner import TooManyFailuresError
     from tuna_ray.storage import StorageError
 
-    _, config_name, run = _stages()[args.command]
+    command = commands()[args.command]
     try:
-        if ":" in config_name:  # "package.module:Class": a config that lives with its stage
-            module_name, _, class_name = config_name.partition(":")
-            model = getattr(importlib.import_module(module_name), class_name)
-        else:
-            model = getattr(config_module, config_name, None) or getattr(
-                pipeline_module, config_name
-            )
-        cfg = config_module.load_config(args.config, args.overrides, model)
-        print(json.dumps(run(cfg), indent=2, default=str))
+        cfg = load_config(args.config, args.overrides, config_model(command))
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(resolved_config(args.command, cfg), sort_keys=False), end="")
+            return 0
+        print(json.dumps(command.run(cfg), indent=2, default=str))
         return 0
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        print(f"\ntuna-ray {args.command}: interrupted: {command.resumes}.", file=sys.stderr)
+        return 130
     except TooManyFailuresError as exc:
         # Results and manifest are written; the same command again retries only the failures.
         if args.verbose:
@@ -164,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         StorageError,
         LeaseHeldError,
         LeaseLostError,
-        pipeline_module.StageFailedError,
+        StageFailedError,
     ) as exc:
         # Bad config, bad data, unwritable storage, another run holding the output: a clear
         # message, not a traceback from deep inside Ray.

@@ -33,11 +33,13 @@ OUTPUT_NAME = {"rank_probabilistic": "ranked", "rank_contextual": "ranked", "sam
 USAGE_COLUMNS = ("prompt_tokens", "completion_tokens", "cost_usd")
 
 
-def write_run_report(run_dir: str, stages: list[dict]) -> str:
+def write_run_report(run_dir: str, stages: list[dict], notes: list[str] | None = None) -> str:
     """Write ``<run_dir>/report.md`` (+ ``report/*.png``) for ``stages``; return its path.
 
     Each stage is ``{"name", "kind", "status", "output_dir", "report", "wall_time_s",
-    "error"}``; a missing ``report`` is read from the stage's output directory.
+    "error"}`` (``wall_time_s``: over every attempt; tuna_ray.pipeline.runlog); a missing ``report`` is
+    read from the stage's output directory. ``notes`` (what stood in for what) come first;
+    then the evaluation's comparison table, when the run has one, then the summary.
     """
     import matplotlib
 
@@ -46,15 +48,41 @@ def write_run_report(run_dir: str, stages: list[dict]) -> str:
         {**s, "name": s.get("name") or f"stage_{i}", "report": s.get("report") or _load_report(s)}
         for i, s in enumerate(stages)
     ]
-    lines = [f"# Run report: `{run_dir}`", "", "## Summary", "", *_summary(stages), ""]
+    lines = [f"# Run report: `{run_dir}`", ""]
+    if notes:
+        lines += ["**Read first.** " + " ".join(notes), ""]
     with tempfile.TemporaryDirectory() as tmp:
+        evaluation = next((s for s in stages if s.get("kind") == "eval" and s["report"]), None)
+        if evaluation is not None:
+            lines += _evaluation_section(evaluation, Path(tmp))
+        lines += ["## Summary", "", *_summary(stages), ""]
         for stage in stages:
-            lines += _stage_section(stage, Path(tmp))  # each section ends with a blank line
+            if stage.get("kind") != "eval":
+                lines += _stage_section(stage, Path(tmp))  # each section ends with a blank line
         if any(Path(tmp).iterdir()):
             storage.upload_dir(tmp, storage.join(run_dir, "report"))
     path = storage.join(run_dir, "report.md")
     storage.write_text(path, "\n".join(lines))
     return path
+
+
+def _evaluation_section(stage: dict, plot_dir: Path) -> list[str]:
+    """The models compared on the run's evaluation tasks (tuna_ray.eval), and a plot of it."""
+    from tuna_ray.eval import render_comparison
+
+    results = stage["report"]
+    by_label = results.get("models") or {}
+    # the run's order: where it started, then each trained model (results.json sorts keys)
+    order = ["start", "tuna_p", "tuna_c", "tuna"]
+    labels = sorted(by_label, key=lambda k: (order.index(k) if k in order else len(order), k))
+    per_model = [by_label[k] for k in labels] or [results]
+    table = render_comparison(per_model, title="Evaluation: did Tuna make the model better?")
+    return [*table_lines(table), "", *_evaluation_plot(plot_dir, per_model)]
+
+
+def table_lines(markdown: str) -> list[str]:
+    """``markdown`` with its headings one level down (the report's title is the only #)."""
+    return [("#" + line) if line.startswith("#") else line for line in markdown.splitlines()]
 
 
 # ---- reading what the stages wrote -------------------------------------------------------
@@ -160,12 +188,21 @@ def _summary_row(stage: dict) -> list:
         time_s = _get(report, "wall_time_s")
     if kind == "train":
         unit, n, failed = "samples", _get(report, "tokenization", "samples"), None
+    elif kind == "eval":
+        unit, failed = "models", None
+        n = len(_get(report, "models") or {}) or (1 if report else None)
     else:
         unit = OUTPUT_NAME.get(kind, "records")
         n, failed = _get(report, "counts", unit), _get(report, "counts", "failed")
     main = NA if n is None else f"{_fmt(n)} {unit}"
-    usage_cells = [_get(report, "usage_this_run", k) for k in USAGE_COLUMNS]
-    return [stage.get("name"), kind, stage.get("status"), main, failed, time_s, *usage_cells]
+    # Every batch the output holds, whichever run made it; older manifests: this run's.
+    usage = _get(report, "usage_total") or _get(report, "usage_this_run")
+    usage_cells = [_get(usage, k) for k in USAGE_COLUMNS]
+    status = stage.get("status")
+    attempts = len(stage.get("attempts") or [])
+    if attempts > 1:
+        status = f"{status} ({attempts} attempts)"
+    return [stage.get("name"), kind, status, main, failed, time_s, *usage_cells]
 
 
 # ---- one section per stage ---------------------------------------------------------------
@@ -200,6 +237,19 @@ def _train_section(stage: dict, plot_dir: Path) -> list[str]:
     if not steps:
         return lines + ["No per-step metrics found.", ""]
     lines += [f"{len(steps)} logged steps (last: {steps[-1]['step']}).", ""]
+    if len(steps) < 20:
+        last = steps[-1]
+        per_step = int(last.get("samples_seen", 0) / max(last["step"], 1))
+        lines += [
+            (
+                f"How to read these curves: each point is the loss of that step's own batch "
+                f"({per_step} instructions). Over {len(steps)} steps the points differ more by "
+                "which instructions a batch holds than by training, so a line that rises or falls "
+                "here is no trend; the evaluation at the top of the report says whether the model "
+                "got better."
+            ),
+            "",
+        ]
     return lines + _training_plot(plot_dir, stage["name"], steps)
 
 
@@ -211,7 +261,11 @@ def _generation_section(stage: dict, plot_dir: Path) -> list[str]:
     lines += _dict_table("Skipped inputs", inp.get("skipped"), "reason")
     lines += _dict_table("Counts", counts, "count")
     lines += _dict_table("Failure reasons", counts.get("failure_reasons"), "reason")
-    lines += _dict_table("Usage (this run)", report.get("usage_this_run"), "field")
+    lines += _dict_table(
+        "Usage (all runs of this stage)",
+        report.get("usage_total") or report.get("usage_this_run"),
+        "field",
+    )
     if report.get("means_this_run"):
         lines += _dict_table("Means (this run)", report["means_this_run"], "field")
     out_dir, name = stage.get("output_dir"), stage["name"]
@@ -273,6 +327,43 @@ def _training_plot(plot_dir, name, steps: list[dict]) -> list[str]:
     return _save(fig, plot_dir, f"{name}_training", "training curves")
 
 
+def _bars(ax, labels: list[str], values, **kwargs):
+    """Bars at positions 0..n-1 labelled ``labels`` (strings as categories make matplotlib log
+    a notice whenever they look like numbers)."""
+    drawn = ax.bar(range(len(labels)), values, **kwargs)
+    ax.set_xticks(range(len(labels)), labels)
+    return drawn
+
+
+def _evaluation_plot(plot_dir, models: list[dict]) -> list[str]:
+    """One panel per task: each model's main metric with its interval."""
+    from tuna_ray.eval.table import MAIN_METRIC
+
+    tasks: dict[str, str] = {}
+    for m in models:
+        for name, res in m.get("tasks", {}).items():
+            tasks.setdefault(name, res.get("kind", ""))
+    if not tasks:
+        return []
+    fig, axes = _figure(len(tasks), 4.5 * len(tasks))
+    for ax, (task, kind) in zip(axes, tasks.items()):
+        label, key, scale = MAIN_METRIC.get(kind, ("value", "value", 1.0))
+        names, values, errors = [], [], [[], []]
+        for m in models:
+            res = m.get("tasks", {}).get(task)
+            if not res or not _is_number(res.get(key)):
+                continue
+            value = res[key] * scale
+            low, high = (res.get("ci") or [res[key], res[key]])[:2]
+            names.append((m.get("model") or {}).get("label") or "?")
+            values.append(value)
+            errors[0].append(max(0.0, value - low * scale))
+            errors[1].append(max(0.0, high * scale - value))
+        _bars(ax, names, values, yerr=errors, capsize=4, color="tab:blue")
+        ax.set(title=task, ylabel=label, xlabel="model")
+    return _save(fig, plot_dir, "evaluation", "evaluation: each model on each task")
+
+
 def _score_plot(plot_dir, name, columns: dict[str, list]) -> list[str]:
     lists = [_numbers(s) for s in columns.get("scores", []) if s]
     scores = [x for s in lists for x in s]
@@ -305,7 +396,7 @@ def _judge_plot(plot_dir, name, counts: dict) -> list[str]:
         return lines
     fig, (ax,) = _figure(1, 6.4)
     colors = ["tab:green", "tab:orange", "tab:red", "tab:gray"]
-    drawn = ax.bar(list(bars), [v / total for v in values], color=colors)
+    drawn = _bars(ax, list(bars), [v / total for v in values], color=colors)
     ax.bar_label(drawn, labels=[f"{int(v)}" for v in values])
     title = f"{name}: judge outcomes ({int(total)} records)"
     ax.set(xlabel="outcome", ylabel="fraction of records", ylim=(0, 1.1), title=title)
@@ -322,6 +413,6 @@ def _diversity_plot(plot_dir, name, columns: dict[str, list]) -> list[str]:
     similarity = "Candidate similarity (lower = more diverse)"
     left.set(xlabel="mean pairwise ROUGE-L", ylabel="records", title=similarity)
     values = sorted(set(trials))
-    right.bar([str(v) for v in values], [trials.count(v) for v in values], color="tab:cyan")
+    _bars(right, [str(v) for v in values], [trials.count(v) for v in values], color="tab:cyan")
     right.set(xlabel="sampling trials", ylabel="records", title="Trials per record")
     return _save(fig, plot_dir, f"{name}_diversity", "candidate diversity")

@@ -133,6 +133,8 @@ def ranked_records() -> list[dict]:
             "ranking": "contextual",
             "judge_raw": "1 > 2 > 3",
             "source": "test",
+            "reference": "the dataset's own answer",
+            "generator": "student",
         },
         {
             "id": "b",
@@ -144,6 +146,8 @@ def ranked_records() -> list[dict]:
             "ranking": None,
             "judge_raw": None,
             "source": None,
+            "reference": None,
+            "generator": None,
         },
     ]
 

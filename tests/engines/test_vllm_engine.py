@@ -12,6 +12,10 @@ import subprocess
 import sys
 
 import pytest
+
+# Regression: a flask context proxy among a loaded module's globals (moto's server, in this
+# suite, or a user's web app) made vLLM's start-up kernel scan raise; this module holds one.
+from flask import current_app  # noqa: F401
 from pydantic import ValidationError
 
 from tuna_ray.engines.base import EngineError, Prompt, SamplingParams

@@ -157,6 +157,9 @@ def test_real_small_judge_finishes_and_records_every_failure(tmp_path, smollm2_p
                 "scaling.actors=1",
                 "engine.max_concurrency=1",
                 "engine.timeout_s=300",
+                # a 135M judge rarely follows the format: this test is about recording
+                # failures, not about the failure bound (test_runner covers that)
+                "max_failure_share=1.0",
             )
         )
     assert_ok(proc)

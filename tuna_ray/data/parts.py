@@ -4,6 +4,8 @@ Stage: data (shared by every generation/ranking stage). A stage's output directo
 
     parts/part-<uuid>.parquet      records, written by the workers one batch at a time
     failures/part-<uuid>.jsonl     {"id", "reason", "detail"} for what failed after retries
+    usage/part-<uuid>.json         what the batch cost (requests, tokens, cost): totals over
+                                   every run that worked on the stage, resumes included
     <name>.parquet                 all parts consolidated, when the stage finishes
     manifest.json                  counts, config hash, timing -- only when the stage finished
     _lease.json                    the run writing here now (tuna_ray.lease)
@@ -26,9 +28,15 @@ import pyarrow.parquet as pq
 from tuna_ray import storage
 
 
-def write_part(output_dir: str, records: list[dict], failures: list[dict]) -> None:
-    """Durably write one batch of results (either list may be empty)."""
+def write_part(
+    output_dir: str, records: list[dict], failures: list[dict], usage: dict | None = None
+) -> None:
+    """Durably write one batch of results (either list may be empty) and what it cost."""
     tag = uuid.uuid4().hex
+    if usage:
+        storage.write_text(
+            storage.join(output_dir, "usage", f"part-{tag}.json"), json.dumps(usage) + "\n"
+        )
     if records:
         storage.write_bytes(
             storage.join(output_dir, "parts", f"part-{tag}.parquet"),
@@ -58,12 +66,23 @@ def clean_stale_tmp(output_dir: str) -> int:
         output_dir,
         storage.join(output_dir, "parts"),
         storage.join(output_dir, "failures"),
+        storage.join(output_dir, "usage"),
     ):
         for path in storage.list_files(folder):
             if path.endswith(".tmp"):
                 storage.delete_file(path)
                 removed += 1
     return removed
+
+
+def read_usage(output_dir: str) -> dict[str, float]:
+    """The usage of every batch written so far, summed field by field."""
+    total: dict[str, float] = {}
+    for part in storage.list_files(storage.join(output_dir, "usage")):
+        if part.endswith(".json"):
+            for key, value in json.loads(storage.read_text(part)).items():
+                total[key] = total.get(key, 0) + value
+    return total
 
 
 def read_parts(output_dir: str) -> list[dict]:

@@ -157,6 +157,10 @@ class RankedRecord(_Record):
     ranking: Ranking | None = None
     judge_raw: str | None = None
     source: str | None = None
+    # the sampling stage's candidates carry these to contextual ranking: the dataset's own
+    # answer (ranked with the samples, ``include_original``) and the model that sampled
+    reference: str | None = None
+    generator: str | None = None
 
     @field_validator("responses")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from tuna_ray.engines.openai_engine import OpenAIEngineConfig
 from tuna_ray.engines.vllm_engine import VLLMEngineConfig
@@ -38,6 +38,21 @@ class HFEngineSpec(BaseModel):
 
 EngineConfig = Annotated[
     OpenAIEngineSpec | HFEngineSpec | VLLMEngineSpec, Field(discriminator="kind")
+]
+
+
+def _openai_by_default(value):
+    """A judge section without ``kind`` is an OpenAI-compatible endpoint (the common case)."""
+    if isinstance(value, dict) and "kind" not in value:
+        return {"kind": "openai", **value}
+    return value
+
+
+# A judge: an OpenAI-compatible endpoint, or a self-hosted model on vLLM (structured output).
+JudgeEngineConfig = Annotated[
+    OpenAIEngineSpec | VLLMEngineSpec,
+    BeforeValidator(_openai_by_default),
+    Field(discriminator="kind"),
 ]
 
 

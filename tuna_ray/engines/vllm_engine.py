@@ -29,8 +29,10 @@ Importable without vllm (CPU CI imports it everywhere): vllm is imported inside 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 import threading
 from typing import Any
 
@@ -409,12 +411,40 @@ def _build_llm(kwargs: dict[str, Any]):
     from vllm import LLM
 
     set_threads = torch.set_num_threads
-    llm = LLM(**kwargs)
+    with _modules_hidden_from_vllms_kernel_scan():
+        llm = LLM(**kwargs)
     # vLLM's CPU worker turns torch.set_num_threads into a no-op for the whole process (it
     # pins threads when it runs in its own process); in-process that would silently break
     # callers that size their thread pools later.
     torch.set_num_threads = set_threads
     return llm
+
+
+@contextlib.contextmanager
+def _modules_hidden_from_vllms_kernel_scan():
+    """Hide, while vLLM starts, the modules whose globals break its Triton-kernel scan.
+
+    vLLM 0.32's CPU worker walks every loaded module's globals and calls
+    ``hasattr(value, "__dict__")`` on each; a context proxy such as flask's ``current_app``
+    (loaded by moto, a test dependency, or by a user's own web app) raises RuntimeError there,
+    which fails the engine's start. Those modules hold no vLLM kernel: leaving them out of
+    ``sys.modules`` for the duration of the scan changes nothing else.
+    """
+    hidden = {}
+    for name, module in list(sys.modules.items()):
+        for value in list((getattr(module, "__dict__", None) or {}).values()):
+            try:
+                hasattr(value, "__dict__")
+            except Exception:
+                hidden[name] = module
+                break
+    for name in hidden:
+        sys.modules.pop(name, None)
+    try:
+        yield
+    finally:
+        for name, module in hidden.items():
+            sys.modules.setdefault(name, module)
 
 
 def check_gpus_available(num_gpus: float, *, what: str = "the vLLM stage") -> None:

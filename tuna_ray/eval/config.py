@@ -25,7 +25,7 @@ from pydantic import Field, field_validator, model_validator
 
 from tuna_ray.config import DataConfig, ModelConfig, StageScalingConfig, _Strict
 from tuna_ray.engines.base import SamplingParams
-from tuna_ray.engines.factory import EngineConfig, OpenAIEngineSpec
+from tuna_ray.engines.factory import EngineConfig, JudgeEngineConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # task names and model labels name folders
 
@@ -141,9 +141,9 @@ class PairwiseData(_Strict):
 
 
 class JudgeConfig(_Strict):
-    """An OpenAI-compatible judge; each question is judged in both orders."""
+    """An OpenAI-compatible judge (or a model on vLLM); each question is judged in both orders."""
 
-    engine: OpenAIEngineSpec
+    engine: JudgeEngineConfig
     template: Literal["fastchat_pair_v2", "alpaca_eval_gpt4", "tuna_contextual"] = (
         "fastchat_pair_v2"
     )

@@ -31,7 +31,7 @@ from pydantic import Field
 
 from tuna_ray.config import StageScalingConfig, _Strict
 from tuna_ray.engines.base import EngineError, Prompt, SamplingParams
-from tuna_ray.engines.factory import EngineConfig, HFEngineSpec, OpenAIEngineSpec
+from tuna_ray.engines.factory import EngineConfig, HFEngineSpec, JudgeEngineConfig
 from tuna_ray.eval.pairwise import parse_verdict, render_pairwise
 from tuna_ray.ranking.runner import EngineUDF, StageSpec, build_prompt
 
@@ -123,7 +123,7 @@ GENERATE = StageSpec(name="eval_generate", output="answers", udf=AnswerGenerator
 
 
 class JudgeStageConfig(_EvalStageConfig):
-    engine: OpenAIEngineSpec
+    engine: JudgeEngineConfig
     template: str
     sampling: SamplingParams
     max_parse_retries: int = 2

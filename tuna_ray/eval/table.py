@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from tuna_ray import storage
 
-_MAIN = {  # kind -> (label, key, scale to percent)
+MAIN_METRIC = {  # kind -> (label, key, scale to percent)
     "pairwise_judge": ("win rate %", "win_rate", 1.0),
     "rouge_l": ("ROUGE-L", "rouge_l", 1.0),
     "ranking_agreement": ("agreement %", "agreement", 100.0),
@@ -71,7 +71,9 @@ def render_comparison(results: Sequence[str | dict], *, title: str = "Evaluation
         None,
     )
     lines = [f"# {title}", ""]
-    header = ["model"] + [f"{n}: {_MAIN.get(k, ('value', '', 1))[0]}" for n, k in tasks.items()]
+    header = ["model"] + [
+        f"{n}: {MAIN_METRIC.get(k, ('value', '', 1))[0]}" for n, k in tasks.items()
+    ]
     rows = []
     for m in models:
         cells = [_label(m)]
@@ -80,7 +82,7 @@ def render_comparison(results: Sequence[str | dict], *, title: str = "Evaluation
             if res is None:
                 cells.append("–")
                 continue
-            _, key, scale = _MAIN.get(kind, ("", "value", 1.0))
+            _, key, scale = MAIN_METRIC.get(kind, ("", "value", 1.0))
             cells.append(_num(res.get(key, res.get("value")), scale) + _ci(res.get("ci"), scale))
         rows.append(cells)
     lines += _table(header, rows)

@@ -112,12 +112,13 @@ class EngineUDF:
         usage; with overlapping batches the rows still add up to the actor's total.
         ``usage_before`` is not needed any more (ignored)."""
         flush_response_caches()  # first: results on disk always have their responses cached
-        parts.write_part(self.cfg.output_dir, records, failures)
-        columns = {k: [row[k] for row in summary] for k in summary[0]}
         with self._usage_lock:
             now = _usage_totals(self.engine)
             delta = {name: now[name] - self._reported[name] for name in USAGE_FIELDS}
             self._reported = now
+        # The part carries its cost: a resumed stage's totals include the runs before it.
+        parts.write_part(self.cfg.output_dir, records, failures, usage=delta)
+        columns = {k: [row[k] for row in summary] for k in summary[0]}
         for name in USAGE_FIELDS:
             columns[name] = [delta[name]] + [0] * (len(summary) - 1)
         return columns
@@ -347,6 +348,9 @@ def run_stage(
         "max_failure_share": cfg.max_failure_share,
         "means_this_run": {k: (sum(v) / len(v) if v else None) for k, v in means.items()},
         "usage_this_run": {k: totals[k] for k in USAGE_FIELDS},
+        # every batch in the output, whichever run made it (a resumed stage counts both)
+        "usage_total": {k: parts.read_usage(output_dir).get(k, 0) for k in USAGE_FIELDS},
+        "status_detail": "resumed" if done else "ran",
         "wall_time_s": round(time.time() - started, 1),
     }
     if not ok:

@@ -207,9 +207,7 @@ def _add_positions(batch, *, position_of, global_batch: int, world: int):
 
     position = np.asarray(position_of)[batch.column("sample_index").to_numpy()]
     rank = np.where(position >= 0, rank_of(position, global_batch=global_batch, world=world), -1)
-    return batch.append_column("position", pa.array(position)).append_column(
-        "rank", pa.array(rank)
-    )
+    return batch.append_column("position", pa.array(position)).append_column("rank", pa.array(rank))
 
 
 def split_by_rank(kept, *, world: int, global_batch: int, total_steps: int) -> dict:
