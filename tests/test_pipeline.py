@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, assert_ok, run_cli
+from tests.support import REPO, assert_ok, run_cli, tensorboard_scalars
 
 pytestmark = pytest.mark.slow
 STAGES = ["rank_probabilistic", "train_p", "sample", "rank_contextual", "train_c", "eval"]
@@ -46,6 +46,8 @@ def test_whole_schedule_with_evaluation_then_rerun_skips_and_redoes_only_what_ch
         train_report = json.loads((run_dir / stage / "train_report.json").read_text())
         assert train_report["total_steps"] > 0
         assert not list((run_dir / stage).glob("checkpoint_step*"))  # pruned after export
+        curves = tensorboard_scalars(run_dir / stage / "tensorboard")
+        assert len(curves["train/loss"]) == train_report["total_steps"]
     AutoModelForCausalLM.from_pretrained(run_dir / "train_c" / "hf_model")
     # The evaluation: the start model, Tuna_p and Tuna on the same tasks, at the report's top.
     results = json.loads((run_dir / "eval" / "results.json").read_text())
@@ -53,6 +55,9 @@ def test_whole_schedule_with_evaluation_then_rerun_skips_and_redoes_only_what_ch
     for model in results["models"].values():
         assert model["tasks"]["alpaca_eval_ranked"]["pairs"] == 48
         assert model["tasks"]["vicuna_qa"]["n"] == 8
+    assert sorted(p.name for p in (run_dir / "eval" / "tensorboard").iterdir()) == sorted(
+        results["models"]
+    )
     report = (run_dir / "report.md").read_text()
     assert report.index("## Evaluation") < report.index("## Summary")
     assert report.index("| start |") < report.index("| tuna_p |") < report.index("| tuna |")

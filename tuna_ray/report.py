@@ -24,6 +24,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from tuna_ray import storage
+from tuna_ray.tracking import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -99,22 +100,6 @@ def _load_report(stage: dict) -> dict | None:
     except (OSError, ValueError) as e:
         log.warning("report: cannot read %s: %s", path, e)
         return None
-
-
-def _read_metrics(output_dir: str) -> list[dict]:
-    """Per-step training metrics, sorted by step; a step logged twice (resume) keeps its last."""
-    by_step: dict[int, dict] = {}
-    for path in storage.list_files(storage.join(output_dir, "metrics")):
-        if not path.endswith(".jsonl"):
-            continue
-        for line in storage.read_text(path).splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a crash
-            if isinstance(row, dict) and isinstance(row.get("step"), int | float):
-                by_step[int(row["step"])] = row
-    return [by_step[k] for k in sorted(by_step)]
 
 
 def _read_columns(output_dir: str, file_name: str, columns: list[str]) -> dict[str, list]:
@@ -233,7 +218,7 @@ def _train_section(stage: dict, plot_dir: Path) -> list[str]:
     lines += _dict_table("Skipped records", data.get("skipped"), "reason")
     lines += _dict_table("Tokenization", report.get("tokenization"), "count")
     lines += _dict_table("Final metrics", report.get("final_metrics"), "metric")
-    steps = _read_metrics(stage["output_dir"]) if stage.get("output_dir") else []
+    steps = read_metrics(stage["output_dir"]) if stage.get("output_dir") else []
     if not steps:
         return lines + ["No per-step metrics found.", ""]
     lines += [f"{len(steps)} logged steps (last: {steps[-1]['step']}).", ""]

@@ -435,7 +435,7 @@ def _modules_hidden_from_vllms_kernel_scan():
         for value in list((getattr(module, "__dict__", None) or {}).values()):
             try:
                 hasattr(value, "__dict__")
-            except Exception:
+            except Exception:  # noqa: BLE001 -- whatever a proxy raises, hide its module
                 hidden[name] = module
                 break
     for name in hidden:

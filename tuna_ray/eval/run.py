@@ -28,7 +28,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from tuna_ray import lease, storage
+from tuna_ray import lease, storage, tracking
 from tuna_ray.config import config_hash
 from tuna_ray.data import parts
 from tuna_ray.engines.factory import HFEngineSpec
@@ -367,6 +367,7 @@ def run_eval(cfg: EvalConfig, endpoints: dict[str, str] | None = None) -> dict:
         storage.write_text(
             storage.join(cfg.output_dir, "comparison.md"), render_comparison(per_model)
         )
+        tracking.write_eval(cfg.output_dir, per_model)
     return results
 
 

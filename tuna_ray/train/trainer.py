@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tuna_ray import storage
+from tuna_ray import storage, tracking
 from tuna_ray.config import TrainJobConfig, config_hash
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,7 @@ def _run_training(cfg: TrainJobConfig, run_dir: str) -> TrainOutcome:
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest),
     )
     result = trainer.fit()
+    tracking.write_training(run_dir)  # the step metrics as TensorBoard scalars
     model_dir = storage.join(run_dir, "hf_model") if tc.export else None
     export_stats = storage.join(run_dir, "export_stats.json")
     report = {
@@ -214,6 +215,7 @@ def _run_training(cfg: TrainJobConfig, run_dir: str) -> TrainOutcome:
         "total_steps": total_steps,
         "final_metrics": result.metrics,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "tensorboard": storage.join(run_dir, "tensorboard"),
         "checkpoints_pruned": [],
         "model_dir": model_dir,
         "export": storage.read_json(export_stats) if storage.exists(export_stats) else None,
