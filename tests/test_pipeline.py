@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -83,74 +81,83 @@ def test_whole_schedule_with_evaluation_then_rerun_skips_and_redoes_only_what_ch
     assert "[4/6] rank_contextual: finished before, skipped" in changed.stderr
 
 
-def test_ctrl_c_keeps_the_work_and_the_rerun_resumes_beside_another_ray(tmp_path):
-    """Ctrl-C in the teacher stage: one line, the parts written so far kept, the record says
-    "interrupted"; the rerun -- with a second Ray instance running on the machine -- resumes
-    with the missing ids only, prints no traceback, and the report counts both attempts."""
-    run_dir = tmp_path / "run"
-    args = [
-        sys.executable, "-m", "tuna_ray", "run", "--config", "jobs/configs/tiny-cpu.yaml",
-        f"run_dir={run_dir}", "variant=tuna_p", "eval=null",
-        "probabilistic.scaling.batch_size=2",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen(
-        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    parts = run_dir / "rank_probabilistic" / "parts"
-    deadline = time.time() + 600
-    while not (parts.exists() and len(list(parts.glob("*.parquet"))) >= 2):
-        assert first.poll() is None, first.communicate()[1][-3000:]
-        assert time.time() < deadline, "no part written in time"
-        time.sleep(0.5)
-    first.send_signal(signal.SIGINT)
-    _, err = first.communicate(timeout=120)
-    assert first.returncode == 130, err[-3000:]
-    assert err.rstrip().splitlines()[-1].startswith("tuna-ray run: interrupted: ")
-    assert "Traceback" not in err, err[-3000:]
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["status"] == "interrupted"
-    assert manifest["stages"]["rank_probabilistic"]["status"] == "interrupted"
-    assert "interrupted" in (run_dir / "report.md").read_text()
-    kept = len(list(parts.glob("*.parquet")))
+def test_ctrl_c_beside_another_ray_then_ray_job_submit_resumes(tmp_path):
+    """Ctrl-C in the teacher stage of a local run -- with another Ray (a local head) running on
+    the machine -- prints one line, keeps the parts written so far and records "interrupted";
+    the same run, submitted to that head with `ray job submit`, resumes with the missing ids
+    only, and the report counts both attempts."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
 
-    other = _start_other_ray(tmp_path)
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"run_dir={run_dir}", "variant=tuna_p", "eval=null", "probabilistic.scaling.batch_size=2",
+    ]  # fmt: skip
+    head, dashboard = _start_head(tmp_path)
     try:
-        second = run_cli(*args[3:])
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        first = subprocess.Popen(
+            [sys.executable, "-m", "tuna_ray", "run", "--config", "jobs/configs/tiny-cpu.yaml",
+             *overrides],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        parts = run_dir / "rank_probabilistic" / "parts"
+        deadline = time.time() + 600
+        while not (parts.exists() and len(list(parts.glob("*.parquet"))) >= 2):
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.time() < deadline, "no part written in time"
+            time.sleep(0.5)
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=120)
+        assert first.returncode == 130, err[-3000:]
+        assert err.rstrip().splitlines()[-1].startswith("tuna-ray run: interrupted: ")
+        assert "Traceback" not in err and "multiple active Ray" not in err, err[-3000:]
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        assert manifest["status"] == "interrupted"
+        assert manifest["stages"]["rank_probabilistic"]["status"] == "interrupted"
+        assert "interrupted" in (run_dir / "report.md").read_text()
+        kept = len(list(parts.glob("*.parquet")))
+
+        client = JobSubmissionClient(dashboard)
+        job = client.submit_job(
+            entrypoint="python jobs/tuna.py --config jobs/configs/tiny-cpu.yaml "
+            + " ".join(overrides),
+            runtime_env={
+                "working_dir": str(REPO),
+                "excludes": [".venv", "runs", ".git"],
+                "env_vars": {"RAY_AUTH_MODE": "disabled"},
+            },
+        )
+        deadline = time.time() + 600
+        while not (status := client.get_job_status(job)).is_terminal():
+            assert time.time() < deadline, "job did not finish in time"
+            time.sleep(2)
+        logs = client.get_job_logs(job)
+        assert status == JobStatus.SUCCEEDED, logs[-3000:]
+        assert "Traceback" not in logs, logs[-3000:]
     finally:
-        _stop_other_ray(other)
-    assert_ok(second)
-    assert "Traceback" not in second.stderr and "multiple active Ray" not in second.stderr
+        _stop_head(head)
+    assert (run_dir / "train_p" / "hf_model" / "model.safetensors").exists()
     rank_p = json.loads((run_dir / "rank_probabilistic" / "manifest.json").read_text())
     assert rank_p["counts"]["done_before"] == 2 * kept  # 2 records per part
     assert rank_p["counts"]["ranked"] == 16
     # the usage of the interrupted attempt's parts is in the total, not only this run's
     total, this_run = rank_p["usage_total"], rank_p["usage_this_run"]
     assert total["completion_tokens"] > this_run["completion_tokens"] > 0
-    status = _stage_status(second)
-    assert status == {"rank_probabilistic": "resumed", "train_p": "ran"}
-    report = (run_dir / "report.md").read_text()
-    assert "resumed (2 attempts)" in report
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert {k: v["status"] for k, v in stages.items()} == {
+        "rank_probabilistic": "resumed",
+        "train_p": "ran",
+    }
+    assert "resumed (2 attempts)" in (run_dir / "report.md").read_text()
 
 
-def _start_other_ray(tmp_path: Path) -> subprocess.Popen:
-    """Another Ray on this machine (someone else's notebook, say), left running."""
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    return subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--port=0", "--num-cpus=1",
-         "--include-dashboard=false", "--disable-usage-stats"],
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-
-
-def _stop_other_ray(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-
-
-def test_ray_job_submit_runs_the_pipeline_on_a_local_head(tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+def _start_head(tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    """A local Ray head with a dashboard (someone else's cluster on this machine, and the one
+    jobs are submitted to), in its own session: stopping it kills its processes only -- `ray
+    stop` would kill every Ray on the machine, the test session's own too. Its session files
+    go where Ray's go by default (/tmp/ray), as on a user's machine: Ray's processes on it that
+    look for "the" cluster find it there."""
+    from tuna_ray.ray_setup import _free_port
 
     venv_bin = Path(sys.executable).parent  # as with an activated venv: `python` is ours
     env = {
@@ -158,55 +165,28 @@ def test_ray_job_submit_runs_the_pipeline_on_a_local_head(tmp_path):
         "RAY_AUTH_MODE": "disabled",
         "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    ray_bin = str(venv_bin / "ray")
-    ray_tmp = tempfile.mkdtemp(prefix="tr-", dir="/tmp")  # Unix socket paths must stay short
-    start = subprocess.run(
-        [
-            ray_bin,
-            "start",
-            "--head",
-            "--node-ip-address=127.0.0.1",
-            "--num-cpus=4",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            "--dashboard-port=8265",
-            "--disable-usage-stats",
-            f"--temp-dir={ray_tmp}",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert start.returncode == 0, start.stdout + start.stderr
-    try:
-        client = JobSubmissionClient("http://127.0.0.1:8265")
-        run_dir = tmp_path / "run"
-        job = client.submit_job(
-            entrypoint=f"python jobs/tuna.py --config jobs/configs/tiny-cpu.yaml variant=tuna_p "
-            f"run_dir={run_dir}",
-            runtime_env={
-                "working_dir": str(REPO),
-                "excludes": [".venv", "runs", ".git"],
-                "env_vars": {"RAY_AUTH_MODE": "disabled"},
-            },
-        )
-        deadline = time.time() + 420
-        while not (status := client.get_job_status(job)).is_terminal():
-            assert time.time() < deadline, "job did not finish in time"
+    env.pop("RAY_ADDRESS", None)
+    port = _free_port()
+    head = subprocess.Popen(
+        [str(venv_bin / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={_free_port()}", "--num-cpus=4", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    dashboard = f"http://127.0.0.1:{port}"
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.time() + 180
+    while True:
+        assert head.poll() is None, "ray start --head exited"
+        try:
+            JobSubmissionClient(dashboard).list_jobs()
+            return head, dashboard
+        except Exception:  # noqa: BLE001 -- not up yet
+            assert time.time() < deadline, "the head's dashboard did not come up"
             time.sleep(2)
-        logs = client.get_job_logs(job)
-        assert status == JobStatus.SUCCEEDED, logs[-3000:]
-        assert (run_dir / "train_p" / "hf_model" / "model.safetensors").exists()
-        assert (
-            json.loads((run_dir / "rank_probabilistic" / "manifest.json").read_text())["counts"][
-                "ranked"
-            ]
-            == 16
-        )
-    finally:
-        subprocess.run(
-            [ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120, check=False
-        )
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _stop_head(head: subprocess.Popen) -> None:
+    os.killpg(head.pid, signal.SIGKILL)
+    head.wait(timeout=30)

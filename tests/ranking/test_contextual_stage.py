@@ -162,19 +162,19 @@ def test_real_small_judge_finishes_and_records_every_failure(tmp_path, smollm2_p
                 "max_failure_share=1.0",
             )
         )
-    assert_ok(proc)
-    ranked = pq.read_table(out / "ranked.parquet").to_pylist()
+    # A 135M judge rarely follows the format: it may rank some records or none (then the stage
+    # fails by design, naming why). Either way every record is ranked or recorded as failed.
+    nothing = "produced no records from 4 input records" in proc.stderr
+    assert proc.returncode == 0 or (proc.returncode == 2 and nothing), proc.stderr[-3000:]
+    ranked_path = out / "ranked.parquet"
+    ranked = pq.read_table(ranked_path).to_pylist() if ranked_path.exists() else []
     failed = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
     assert sorted([r["id"] for r in ranked] + [f["id"] for f in failed]) == sorted(
         r["id"] for r in records
     )
     for f in failed:
+        assert f["reason"].startswith(("parse_failed", "excluded")), f["reason"]
         if f["reason"].startswith("parse_failed"):
+            # every reply kept for the audit: the first try and the one re-ask
             assert len(f["judge_raw"]) == 2 and all(isinstance(t, str) for t in f["judge_raw"])
-    report = json.loads((out / "manifest.json").read_text())
-    calls = report["counts"]["judge_calls"]
-    print(
-        f"small-model judge: {len(ranked)}/{len(records)} ranked, "
-        f"{report['counts']['parse_failures']}/{calls} replies unparsable"
-    )
-    assert report["counts"]["api_failures"] == 0 and calls >= len(records)
+    print(f"small-model judge: {len(ranked)}/{len(records)} ranked, {len(failed)} failed")

@@ -95,7 +95,7 @@ def test_pipeline_stops_at_the_stage_and_names_it(tmp_path):
     )
     assert proc.returncode == 2
     assert _last_line(proc) == (
-        "tuna-ray run: error: stopped at stage sample (1/3): sample: "
+        "tuna-ray run: error: stopped at stage sample (1/4): sample: "
         f"nothing to do: {data} holds no records"
     )
     assert "sample failed, the pipeline stops here" in proc.stderr
