@@ -72,7 +72,8 @@ def judge_response_format(template: str, num_shown: int, *, grammar: bool = Fals
     outputs), so the schema can do what a strict API's cannot: with up to 7 entries the ranking
     must be one of their orderings -- a grammar has no "each item once" rule, and a repeated
     index would be a parse failure -- else 2 to num_shown + 1 valid indices, and the judge's
-    own answer is at most 4000 characters, so a small model cannot fill ``max_tokens`` with it.
+    own answer is at most 4000 characters and there is at most one score per entry, so a small
+    model cannot fill ``max_tokens`` with either.
     """
     fmt = load_judge_template(template).response_format
     if fmt is None:
@@ -85,6 +86,8 @@ def judge_response_format(template: str, num_shown: int, *, grammar: bool = Fals
     props["ranking"] = {"type": "array", "items": index}
     if grammar:
         props["reference_answer"]["maxLength"] = 4000
+        # one score per entry at most: a small model may otherwise repeat entries to max_tokens
+        props["scores"]["maxItems"] = len(entries)
         if math.factorial(len(entries)) <= MAX_ENUMERATED_ORDERS:
             props["ranking"] = {"enum": [list(p) for p in permutations(entries)]}
         else:
