@@ -52,7 +52,7 @@ def test_whole_schedule_with_evaluation_then_rerun_skips_and_redoes_only_what_ch
     assert set(results["models"]) == {"start", "tuna_p", "tuna"}
     for model in results["models"].values():
         assert model["tasks"]["alpaca_eval_ranked"]["pairs"] == 48
-        assert model["tasks"]["vicuna_qa"]["n"] == 8
+        assert model["tasks"]["vicuna_qa"]["n"] == 4
     assert sorted(p.name for p in (run_dir / "eval" / "tensorboard").iterdir()) == sorted(
         results["models"]
     )
@@ -118,7 +118,8 @@ def test_ctrl_c_beside_another_ray_then_ray_job_submit_resumes(tmp_path):
         kept = len(list(parts.glob("*.parquet")))
 
         client = JobSubmissionClient(dashboard)
-        job = client.submit_job(
+        job = _submit(
+            client,
             entrypoint="python jobs/tuna.py --config jobs/configs/tiny-cpu.yaml "
             + " ".join(overrides),
             runtime_env={
@@ -184,6 +185,18 @@ def _start_head(tmp_path: Path) -> tuple[subprocess.Popen, str]:
             return head, dashboard
         except Exception:  # noqa: BLE001 -- not up yet
             assert time.time() < deadline, "the head's dashboard did not come up"
+            time.sleep(2)
+
+
+def _submit(client, **job) -> str:
+    """Submit once the head's job agent is up (it starts a little after the dashboard)."""
+    deadline = time.time() + 120
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
             time.sleep(2)
 
 
