@@ -24,6 +24,7 @@ evaluation resumes with only the missing ids and a finished one is skipped by it
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -33,7 +34,13 @@ from tuna_ray.config import StageScalingConfig, _Strict
 from tuna_ray.engines.base import EngineError, Prompt, SamplingParams
 from tuna_ray.engines.factory import EngineConfig, HFEngineSpec, JudgeEngineConfig
 from tuna_ray.eval.pairwise import parse_verdict, render_pairwise
-from tuna_ray.ranking.runner import EngineUDF, StageSpec, build_prompt
+from tuna_ray.ranking.runner import (
+    EngineUDF,
+    StageSpec,
+    ask_until_parsed,
+    build_prompt,
+    take_reply,
+)
 
 REASK_TEMPERATURE = 0.7  # a greedy judge repeats an unreadable reply: re-ask with some sampling
 
@@ -161,11 +168,7 @@ class PairwiseJudge(EngineUDF):
                         "error": None,
                     }
                 )
-        for attempt in range(cfg.max_parse_retries + 1):
-            open_jobs = [j for j in jobs if j["verdict"] is None and j["error"] is None]
-            if not open_jobs:
-                break
-            self._ask(open_jobs, attempt)
+        ask_until_parsed(jobs, "verdict", cfg.max_parse_retries, self._ask)
         records, failures, summary = [], [], []
         for r, row in enumerate(rows):
             mine = [j for j in jobs if j["row"] == r]
@@ -210,15 +213,9 @@ class PairwiseJudge(EngineUDF):
         prompts = [
             Prompt(id=f"{j['row']}/{j['order']}", messages=tuple(j["messages"])) for j in jobs
         ]
+        parse = partial(parse_verdict, self.cfg.template)
         for job, reply in zip(jobs, self.engine.complete_chat(prompts, params)):
-            if isinstance(reply, EngineError):
-                job["error"] = reply.reason
-                continue
-            job["raw"].append(reply[0])
-            try:
-                job["verdict"] = parse_verdict(self.cfg.template, reply[0])
-            except ValueError:
-                pass  # asked again next attempt; the raw reply stays for the audit
+            take_reply(job, reply, "verdict", parse)
 
 
 JUDGE = StageSpec(

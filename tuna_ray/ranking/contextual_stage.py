@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
 import numpy as np
 
 from tuna_ray.config import ContextualStageConfig
 from tuna_ray.data.templates import render_prompt
-from tuna_ray.engines.base import EngineError, Prompt
+from tuna_ray.engines.base import Prompt
 from tuna_ray.ranking.contextual import (
     aggregate_folds,
     build_contextual_record,
@@ -40,7 +41,9 @@ from tuna_ray.ranking.judge_reply import parse_judge_reply
 from tuna_ray.ranking.runner import (
     EngineUDF,
     StageSpec,
+    ask_until_parsed,
     run_from_config,
+    take_reply,
 )
 
 
@@ -88,11 +91,7 @@ class JudgeRanker(EngineUDF):
                         "error": None,
                     }
                 )
-        for attempt in range(cfg.max_parse_retries + 1):
-            open_jobs = [j for j in jobs if j["reply"] is None and j["error"] is None]
-            if not open_jobs:
-                break
-            self._ask(open_jobs, attempt)
+        ask_until_parsed(jobs, "reply", cfg.max_parse_retries, self._ask)
         records, failures, summary = [], [], []
         for r, row in enumerate(rows):
             mine = [j for j in jobs if j["row"] == r]
@@ -148,17 +147,12 @@ class JudgeRanker(EngineUDF):
                 [prompts[k] for k in ks], fold_params, response_format=fmt
             )
             for k, reply in zip(ks, replies):
-                job = jobs[k]
-                if isinstance(reply, EngineError):
-                    job["error"] = reply.reason
-                    continue
-                job["raw"].append(reply[0])
-                try:
-                    job["reply"] = parse_judge_reply(
-                        reply[0], len(job["order"]), template=self.cfg.judge_template
-                    )
-                except ValueError:
-                    pass  # re-asked next attempt; the raw reply stays for the audit
+                take_reply(
+                    jobs[k],
+                    reply,
+                    "reply",
+                    partial(parse_judge_reply, num_shown=shown, template=self.cfg.judge_template),
+                )
 
     def _record(self, row, jobs):
         """(record, status, reason, fold agreement) for one instruction."""

@@ -37,7 +37,7 @@ from tuna_ray.config import config_hash
 from tuna_ray.data import parts
 from tuna_ray.data.readers import NoRecordsError, require_records
 from tuna_ray.data.templates import render_prompt
-from tuna_ray.engines.base import Prompt
+from tuna_ray.engines.base import EngineError, Prompt
 from tuna_ray.engines.cache import compact as compact_cache
 from tuna_ray.engines.cache import flush_all as flush_response_caches
 from tuna_ray.progress import RecordProgress
@@ -124,6 +124,29 @@ class EngineUDF:
         for name in USAGE_FIELDS:
             columns[name] = [delta[name]] + [0] * (len(summary) - 1)
         return columns
+
+
+def ask_until_parsed(jobs: list[dict], key: str, retries: int, ask) -> None:
+    """Judge jobs: ``ask(open_jobs, attempt)`` for the jobs without a parsed ``key`` and without
+    an engine error, at most ``retries`` + 1 times (a re-ask after an unreadable reply)."""
+    for attempt in range(retries + 1):
+        open_jobs = [j for j in jobs if j[key] is None and j["error"] is None]
+        if not open_jobs:
+            return
+        ask(open_jobs, attempt)
+
+
+def take_reply(job: dict, reply, key: str, parse) -> None:
+    """Record one judge reply on ``job``: the engine's error, or the raw text (kept for the
+    audit) and ``parse(text)`` under ``key``; a ValueError leaves the job open for a re-ask."""
+    if isinstance(reply, EngineError):
+        job["error"] = reply.reason
+        return
+    job["raw"].append(reply[0])
+    try:
+        job[key] = parse(reply[0])
+    except ValueError:
+        pass
 
 
 def _usage_totals(engine) -> dict[str, float]:
