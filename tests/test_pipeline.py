@@ -171,7 +171,10 @@ def _start_head(tmp_path: Path) -> tuple[subprocess.Popen, str]:
     head = subprocess.Popen(
         [str(venv_bin / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={_free_port()}", "--num-cpus=4", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", "--disable-usage-stats",
+         # Its job agent's HTTP port: the default (52365) is taken by the test session's own
+         # Ray, and a head whose agent cannot bind it answers "No available agent" forever.
+         f"--dashboard-agent-listen-port={_free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     dashboard = f"http://127.0.0.1:{port}"
