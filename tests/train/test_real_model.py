@@ -14,7 +14,7 @@ from statistics import mean
 
 import pytest
 
-from tests.support import SHIPPED, assert_ok, run_cli, write_jsonl
+from tests.support import SHIPPED, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -47,16 +47,15 @@ def _scores(model_dir, records) -> list[list[float]]:
     return score_candidates(model, tokenizer, records, template="chat", max_length=128)
 
 
-def test_smollm2_learns_the_given_ranking(tmp_path, smollm2_path):
+def test_smollm2_learns_the_given_ranking(tmp_path, smollm2_path, ray_session):
+    from tuna_ray.config import TrainJobConfig, load_config
     from tuna_ray.train.evaluate import ranking_accuracy
+    from tuna_ray.train.trainer import run_training
 
     records = _pairs(24)
     data = write_jsonl(tmp_path / "pairs.jsonl", records)
     before = _scores(smollm2_path, records)
-    proc = run_cli(
-        "train",
-        "--config",
-        "jobs/configs/train-tiny-cpu.yaml",
+    overrides = [
         "model.name_or_path=builtin:smollm2-135m-instruct",
         "model.template=chat",
         f"data.path={data}",
@@ -72,8 +71,9 @@ def test_smollm2_learns_the_given_ranking(tmp_path, smollm2_path):
         "scaling.cpus_per_worker=2",
         f"run.storage_path={tmp_path / 'runs'}",
         "run.name=real",
-    )
-    assert_ok(proc)
+    ]
+    # in this process, on the session's Ray (test_trainer_ray.py runs `tuna-ray train` itself)
+    run_training(load_config("jobs/configs/train-tiny-cpu.yaml", overrides, TrainJobConfig))
     after = _scores(tmp_path / "runs" / "real" / "hf_model", records)
 
     acc_before, acc_after = ranking_accuracy(before), ranking_accuracy(after)

@@ -246,35 +246,47 @@ def test_rerun_after_driver_stops_resumes_exactly(
         assert _relative_error(resumed[name], tensor) <= 1e-5, name
 
 
+@pytest.fixture(scope="module")
+def accumulation_run(tmp_path_factory, ray_session, tiny_model_path, ranked_24):
+    """``(zero_stage, workers, micro_batch, accumulation) -> run dir``, each trained once: the
+    ZeRO-2 micro 4 x accumulation 1 run is the reference of both stages' accumulated runs."""
+    root, runs = tmp_path_factory.mktemp("accumulation"), {}
+
+    def run(zero_stage: int, workers: int, mb: int, gas: int) -> Path:
+        key = (zero_stage, workers, mb, gas)
+        if key not in runs:
+            runs[key] = _train(
+                root,
+                tiny_model_path,
+                ranked_24,
+                "z{}-w{}-mb{}x{}".format(*key),
+                f"train.zero_stage={zero_stage}",
+                f"scaling.num_workers={workers}",
+                "train.max_steps=2",
+                "train.optim.warmup_steps=0",  # the first step moves the weights
+                f"train.micro_batch_size={mb}",
+                f"train.gradient_accumulation_steps={gas}",
+                # ZeRO-3: output head in chunks of 64 rows (a 7B batch chunks too), recomputed
+                # in backward
+                *(["train.head_chunk_logits=3145728"] if zero_stage == 3 else []),
+            )
+        return runs[key]
+
+    return run
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_accumulation_adds_up(
-    tmp_path, ray_session, tiny_model_path, ranked_24, zero_stage, workers
-):
-    """Micro-batch 4 x accumulation 1 and micro-batch 2 x accumulation 2 are the same step:
-    loss, grad norm and weight updates agree within 1e-4 (ZeRO-3 would keep only the last
-    micro-batch's gradient if the loss bypassed DeepSpeedEngine.forward)."""
+def test_accumulation_adds_up(accumulation_run, tiny_model_path, zero_stage, workers):
+    """Micro-batch 2 x accumulation 2 is the same step as micro-batch 4 x accumulation 1 (under
+    ZeRO-2, the reference for both stages): loss, grad norm and weight updates agree within
+    1e-4 (ZeRO-3 would keep only the last micro-batch's gradient if the loss bypassed
+    DeepSpeedEngine.forward)."""
     import ray.data
 
-    common = (
-        f"train.zero_stage={zero_stage}",
-        f"scaling.num_workers={workers}",
-        "train.max_steps=2",
-        "train.optim.warmup_steps=0",  # the first step moves the weights
-        # ZeRO-3: output head in chunks of 64 rows (a 7B batch chunks too), recomputed in backward
-        *(["train.head_chunk_logits=3145728"] if zero_stage == 3 else []),
-    )
     runs = {
-        split: _train(
-            tmp_path,
-            tiny_model_path,
-            ranked_24,
-            f"mb{mb}x{gas}",
-            *common,
-            f"train.micro_batch_size={mb}",
-            f"train.gradient_accumulation_steps={gas}",
-        )
-        for split, (mb, gas) in {"whole": (4, 1), "accumulated": (2, 2)}.items()
+        "whole": accumulation_run(2, workers, 4, 1),
+        "accumulated": accumulation_run(zero_stage, workers, 2, 2),
     }
     whole, accumulated = (_metrics(runs[k]) for k in ("whole", "accumulated"))
     assert [m["step"] for m in whole] == [m["step"] for m in accumulated] == [1, 2]
