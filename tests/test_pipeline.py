@@ -191,7 +191,8 @@ def test_ctrl_c_beside_another_ray_then_ray_job_submit_resumes(tmp_path, teacher
             _, err = first.communicate(timeout=15)
         except subprocess.TimeoutExpired:
             # Known: now and then the first SIGINT does not reach the driver while Ray Data
-            # runs (seen in a full-suite run on 2 cores; cause not found); a user presses Ctrl-C again.
+            # runs (seen in a full-suite run on 2 cores; cause not found); a user presses
+            # Ctrl-C again.
             first.send_signal(signal.SIGINT)
             _, err = first.communicate(timeout=120)
         teacher.set_faults(0.0)

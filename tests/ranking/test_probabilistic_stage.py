@@ -138,7 +138,8 @@ def test_interrupted_run_resumes_with_only_the_missing_ids(tmp_path, tiny_server
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             # Known: now and then the first SIGINT does not reach the driver while Ray Data
-            # runs (seen in a full-suite run on 2 cores; cause not found); a user presses Ctrl-C again.
+            # runs (seen in a full-suite run on 2 cores; cause not found); a user presses
+            # Ctrl-C again.
             os.killpg(proc.pid, signal.SIGINT)
             proc.wait(timeout=60)
     finally:
