@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -35,11 +36,18 @@ def _overrides(tmp_path: Path, model: Path, data: Path, name: str, *extra: str) 
 
 
 def _train(tmp_path: Path, model: Path, data: Path, name: str, *extra: str) -> Path:
-    """Train in this process (shared Ray session); return the run directory."""
+    """Train in this process (shared Ray session); return the run directory.
+
+    Every such run also checks that training leaves this process's Ctrl-C handling as it found
+    it (Ray Train's fit, called from the main thread, installs a SIGINT handler of its own that
+    swallows the next Ctrl-C of a later stage and never removes it)."""
     from tuna_ray.train.trainer import run_training
 
     cfg = load_config(CONFIG, _overrides(tmp_path, model, data, name, *extra), TrainJobConfig)
-    return Path(run_training(cfg).run_dir)
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    run_dir = Path(run_training(cfg).run_dir)
+    assert signal.getsignal(signal.SIGINT) is ctrl_c, "training changed the SIGINT handler"
+    return run_dir
 
 
 def _report(run_dir: Path) -> dict:

@@ -13,6 +13,7 @@ the run directory ``storage_path/name``:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -195,7 +196,7 @@ def _run_training(cfg: TrainJobConfig, run_dir: str) -> TrainOutcome:
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest),
     )
-    result = trainer.fit()
+    result = fit_leaving_ctrl_c_to_us(trainer)
     tracking.write_training(run_dir)  # the step metrics as TensorBoard scalars
     model_dir = storage.join(run_dir, "hf_model") if tc.export else None
     export_stats = storage.join(run_dir, "export_stats.json")
@@ -229,6 +230,35 @@ def _run_training(cfg: TrainJobConfig, run_dir: str) -> TrainOutcome:
     lease.check_held(run_dir)  # never mark a run finished that another run took over
     storage.write_json(storage.join(run_dir, "train_report.json"), report)
     return TrainOutcome(run_dir=run_dir, model_dir=model_dir, report=report)
+
+
+def fit_leaving_ctrl_c_to_us(trainer):
+    """``trainer.fit()``, with Ctrl-C left to the driver's own handling.
+
+    Called from the main thread, Ray Train's ``fit`` installs its own SIGINT handler and never
+    puts the previous one back: the first Ctrl-C aborts the run, the second does nothing, the
+    third exits 0. After a training stage, a Ctrl-C in a later stage of the same driver (sampling,
+    judging, evaluation) met that handler and was swallowed. Called from another thread, ``fit``
+    installs none (that is how Ray Tune runs it): the main thread only waits here, so Ctrl-C
+    raises KeyboardInterrupt as in every other stage -- the driver says what was kept and exits
+    130, its actors end with it, and the rerun resumes from the last checkpoint.
+    """
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 -- re-raised in the main thread below
+            outcome["error"] = exc
+
+    # A daemon: after a Ctrl-C the driver exits without waiting for fit to return.
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # a Ctrl-C lands here, in the main thread
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def prune_checkpoints(run_dir: str) -> list[str]:
