@@ -46,7 +46,7 @@ def _contend(directory: str, n: int) -> list[subprocess.CompletedProcess]:
     ]
     out = []
     for p in procs:
-        stdout, stderr = p.communicate(timeout=120)
+        stdout, stderr = p.communicate(timeout=600)
         out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
     return out
 
@@ -195,10 +195,10 @@ def test_two_runs_of_one_stage_same_or_different_config(tmp_path):
                 assert time.time() < deadline and first.poll() is None, "no lease taken"
                 time.sleep(0.1)
             holder = json.loads((out / "_lease.json").read_text())
-            same = run_cli(*args(server), timeout=120)
-            other = run_cli(*args(server, "sampling.max_tokens=8"), timeout=120)
+            same = run_cli(*args(server), timeout=600)
+            other = run_cli(*args(server, "sampling.max_tokens=8"), timeout=600)
             assert first.poll() is None, "the first run ended before the others were refused"
-            _, stderr = first.communicate(timeout=300)
+            _, stderr = first.communicate(timeout=600)
         finally:
             if first.poll() is None:
                 first.kill()
@@ -217,7 +217,7 @@ def test_two_runs_of_one_stage_same_or_different_config(tmp_path):
         assert not (out / "_lease.json").exists()
 
         # Once the first is done, the other config may take the directory over.
-        assert_ok(run_cli(*args(server, "sampling.max_tokens=8"), timeout=300))
+        assert_ok(run_cli(*args(server, "sampling.max_tokens=8"), timeout=600))
         assert (
             json.loads((out / "manifest.json").read_text())["config_hash"]
             != (manifest["config_hash"])

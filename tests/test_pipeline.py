@@ -41,7 +41,7 @@ def teacher(tiny_model_path):
         yield server
 
 
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(3600)
 def test_whole_schedule_on_s3_stops_resumes_evaluates_and_reruns_only_what_changed(
     tmp_path, monkeypatch, s3_server, teacher
 ):
@@ -64,7 +64,7 @@ def test_whole_schedule_on_s3_stops_resumes_evaluates_and_reruns_only_what_chang
         # stops there, like a driver lost half-way. Operational settings: no hash changes.
         "train_p.checkpoint_every=2", "train_p.fail_at_step=3", "scaling.max_failures=0",
     )  # fmt: skip
-    first = run_cli(*args, timeout=900)
+    first = run_cli(*args, timeout=1800)
     assert first.returncode != 0
     keys = s3_server.keys(run_dir)
     assert "rank_probabilistic/manifest.json" in keys, first.stderr[-4000:]
@@ -86,7 +86,7 @@ def test_whole_schedule_on_s3_stops_resumes_evaluates_and_reruns_only_what_chang
     assert 0 < done_before < 16
 
     teacher.reset_stats()
-    second = run_cli(*args, timeout=1200)
+    second = run_cli(*args, timeout=1800)
     assert_ok(second)
     assert teacher.stats()["requests"] == 0  # every missing id came from the cache in S3
     # the two stages that ran before (one finished, then its outputs lost; one failed) resumed
@@ -142,7 +142,7 @@ def test_whole_schedule_on_s3_stops_resumes_evaluates_and_reruns_only_what_chang
     attempts = {**dict.fromkeys(STAGES, 1), "rank_probabilistic": 2, "train_p": 2}
     assert _attempts(local) == attempts
 
-    again = run_cli(*args, timeout=600)  # nothing changed: every stage skipped, no server started
+    again = run_cli(*args, timeout=900)  # nothing changed: every stage skipped, no server started
     assert_ok(again)
     assert "starting embedded server" not in again.stderr
     # as they ended, figures kept: a finished run's record is not overwritten by a no-op rerun
@@ -151,7 +151,7 @@ def test_whole_schedule_on_s3_stops_resumes_evaluates_and_reruns_only_what_chang
     assert _attempts(run_dir) == attempts
 
     # A changed stage config re-runs that stage and every stage after it.
-    changed = run_cli(*args, "train_c.optim.learning_rate=2e-4", timeout=900)
+    changed = run_cli(*args, "train_c.optim.learning_rate=2e-4", timeout=1800)
     assert_ok(changed)
     assert _stage_status(changed) == {**dict.fromkeys(STAGES, "ran"), **resumed}
     assert "[5/6] train_c: starting" in changed.stderr and "[6/6] eval: starting" in changed.stderr
@@ -186,15 +186,12 @@ def test_ctrl_c_beside_another_ray_then_ray_job_submit_resumes(tmp_path, teacher
             assert first.poll() is None, first.communicate()[1][-3000:]
             assert time.time() < deadline, "no part written in time"
             time.sleep(0.5)
-        first.send_signal(signal.SIGINT)
+        first.send_signal(signal.SIGINT)  # Ctrl-C, once: a swallowed one would let the run go on
         try:
-            _, err = first.communicate(timeout=15)
+            _, err = first.communicate(timeout=180)  # Ray's shutdown is slow on a busy machine
         except subprocess.TimeoutExpired:
-            # Known: now and then the first SIGINT does not reach the driver while Ray Data
-            # runs (seen in a full-suite run on 2 cores; cause not found); a user presses
-            # Ctrl-C again.
-            first.send_signal(signal.SIGINT)
-            _, err = first.communicate(timeout=120)
+            first.kill()
+            raise AssertionError("the run went on for 180 s after one Ctrl-C") from None
         teacher.set_faults(0.0)
         assert first.returncode == 130, err[-3000:]
         assert err.rstrip().splitlines()[-1].startswith("tuna-ray run: interrupted: ")

@@ -133,15 +133,12 @@ def test_interrupted_run_resumes_with_only_the_missing_ids(tmp_path, tiny_server
             why = "no progress before the kill:\n" + log.read_text()[-3000:]
             assert time.time() < deadline and proc.poll() is None, why
             time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            # Known: now and then the first SIGINT does not reach the driver while Ray Data
-            # runs (seen in a full-suite run on 2 cores; cause not found); a user presses
-            # Ctrl-C again.
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(timeout=60)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, once
+        # The driver stops its stage and exits 130; on a busy machine that can take a while
+        # (Ray's shutdown), so the wait is long, but a second Ctrl-C is never sent: a swallowed
+        # first one would show as a stage that finished (all 24 ids) or as this wait running out.
+        proc.wait(timeout=180)
+        assert proc.returncode == 130, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -395,7 +392,7 @@ def test_bad_instructions_are_named_or_counted(tmp_path, tiny_server):
         '{"id": "a", "instruction": "again"}\nnot json\n'
     )
     out = tmp_path / "out"
-    strict = run_cli(*_args(tiny_server, path, out), timeout=120)
+    strict = run_cli(*_args(tiny_server, path, out), timeout=600)
     assert strict.returncode == 2 and f"{path} line 2" in strict.stderr
     assert_ok(run_cli(*_args(tiny_server, path, out, "input.on_error=skip")))
     report = json.loads((out / "manifest.json").read_text())
