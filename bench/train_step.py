@@ -27,6 +27,7 @@ import json
 import os
 import random
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -51,7 +52,16 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--variant", choices=VARIANTS, help="run one variant only (child process)")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="which to compare (comma-separated; the reference does not fit 24 GB at --batch 16)",
+    )
+    args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
+    return args
 
 
 def real_rows(args, tokenizer) -> list[dict]:
@@ -179,12 +189,20 @@ def main(argv=None) -> None:
         f"max length {args.max_length}, median of {args.steps} steps (+1 warm-up) x "
         f"{args.repeats} interleaved repeat(s)"
     )
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    runs: dict[str, list[dict]] = {v: [] for v in args.variants.split(",")}
+    failed: dict[str, str] = {}  # variant -> why (e.g. killed for memory: it did not fit)
     for _ in range(args.repeats):
-        for variant in VARIANTS:
+        for variant, results in runs.items():
+            if variant in failed:
+                continue
             cmd = [sys.executable, os.path.abspath(__file__), *argv, "--variant", variant]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            runs[variant].append(json.loads(out.strip().splitlines()[-1]))
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+            if proc.returncode == 0:
+                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            elif proc.returncode == -signal.SIGKILL:
+                failed[variant] = "killed (SIGKILL: out of memory on this machine)"
+            else:
+                failed[variant] = f"exit {proc.returncode}: " + proc.stderr.strip()[-300:]
     mem = "peak MB above model" + (" (CUDA alloc)" if cuda else " (RSS)")
     print(
         f"{'variant':<10} {'real tok':>9} {'computed':>9} {'step s':>8} {'tok/s':>9} "
@@ -192,6 +210,9 @@ def main(argv=None) -> None:
     )
     summary = {}
     for variant, results in runs.items():
+        if variant in failed:
+            print(f"{variant:<10} did not run: {failed[variant]}")
+            continue
         r = dict(results[0])
         r["step_s"] = statistics.median(x["step_s"] for x in results)
         r["tokens_per_s"] = r["real_tokens"] / r["step_s"]
@@ -201,13 +222,15 @@ def main(argv=None) -> None:
             f"{variant:<10} {r['real_tokens']:>9} {r['computed_tokens']:>9} {r['step_s']:>8.2f} "
             f"{r['tokens_per_s']:>9.1f} {r['loss']:>9.5f}  {r['peak_mb']:.0f}"
         )
-    ref = summary["reference"]
-    for variant in ("padded", "packed"):
-        r = summary[variant]
-        print(
-            f"ratio {variant}/reference: tokens/s {r['tokens_per_s'] / ref['tokens_per_s']:.2f}, "
-            f"peak memory {r['peak_mb'] / ref['peak_mb']:.2f}"
-        )
+    for variant, base in (("padded", "reference"), ("packed", "reference"), ("packed", "padded")):
+        if variant in summary and base in summary:
+            r, b = summary[variant], summary[base]
+            print(
+                f"ratio {variant}/{base}: tokens/s {r['tokens_per_s'] / b['tokens_per_s']:.2f}, "
+                f"peak memory {r['peak_mb'] / b['peak_mb']:.2f}"
+            )
+    if any(not why.startswith("killed") for why in failed.values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
