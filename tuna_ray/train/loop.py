@@ -164,8 +164,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     if rank == 0 and not on_gpu:
         log.info(
-            "train: starting DeepSpeed (a machine's first run compiles its CPU ops, ~40 s; "
-            "cached in %s)",
+            "train: starting DeepSpeed (its CPU op is compiled on a machine's first run unless "
+            "`python -m tuna_ray.train.cpu_ops` built it: ~1 min; cached in %s)",
             os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions"),
         )
     engine, optimizer, _, scheduler = deepspeed.initialize(
