@@ -290,8 +290,9 @@ def test_accumulation_adds_up(accumulation_run, tiny_model_path, zero_stage):
     1e-4 (ZeRO-3 would keep only the last micro-batch's gradient if the loss bypassed
     DeepSpeedEngine.forward). Two workers, as the shipped 7B configs (ZeRO-3, accumulation 4,
     8-16 workers): the gradients are averaged across ranks as well as across micro-batches."""
-    workers = 2
     import ray.data
+
+    workers = 2
 
     runs = {
         "whole": accumulation_run(2, workers, 4, 1),

@@ -12,6 +12,11 @@ from __future__ import annotations
 import os
 
 
+def extensions_dir() -> str:
+    """Where torch keeps (and looks for) compiled ops: ``TORCH_EXTENSIONS_DIR`` or its default."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")
+
+
 def build_cpu_ops() -> list[str]:
     """Compile (or load, when already compiled) the CPU ops a training run uses; their names."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -30,8 +35,8 @@ def build_cpu_ops() -> list[str]:
 
 
 def main() -> None:
-    where = os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")
-    print(f"DeepSpeed CPU ops ready in {where}: {', '.join(build_cpu_ops()) or 'none needed'}")
+    ops = ", ".join(build_cpu_ops()) or "none needed"
+    print(f"DeepSpeed CPU ops ready in {extensions_dir()}: {ops}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from tuna_ray import storage
 from tuna_ray.config import TrainJobConfig
 from tuna_ray.progress import duration
+from tuna_ray.train.cpu_ops import extensions_dir
 
 MAX = dist.ReduceOp.MAX
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         log.info(
             "train: starting DeepSpeed (its CPU op is compiled on a machine's first run unless "
             "`python -m tuna_ray.train.cpu_ops` built it: ~1 min; cached in %s)",
-            os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions"),
+            extensions_dir(),
         )
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=scorer, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
