@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, SHIPPED, assert_ok, run_cli
+from tests.support import PATIENT_S, REPO, SHIPPED, assert_ok, run_cli
 from tuna_ray import lease, storage
 
 _CONTENDER = """
@@ -46,7 +46,7 @@ def _contend(directory: str, n: int) -> list[subprocess.CompletedProcess]:
     ]
     out = []
     for p in procs:
-        stdout, stderr = p.communicate(timeout=600)
+        stdout, stderr = p.communicate(timeout=PATIENT_S)
         out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
     return out
 
@@ -190,15 +190,15 @@ def test_two_runs_of_one_stage_same_or_different_config(tmp_path):
             text=True,
         )
         try:
-            deadline = time.time() + 120
+            deadline = time.time() + PATIENT_S / 3
             while not (out / "_lease.json").exists():
                 assert time.time() < deadline and first.poll() is None, "no lease taken"
                 time.sleep(0.1)
             holder = json.loads((out / "_lease.json").read_text())
-            same = run_cli(*args(server), timeout=600)
-            other = run_cli(*args(server, "sampling.max_tokens=8"), timeout=600)
+            same = run_cli(*args(server))
+            other = run_cli(*args(server, "sampling.max_tokens=8"))
             assert first.poll() is None, "the first run ended before the others were refused"
-            _, stderr = first.communicate(timeout=600)
+            _, stderr = first.communicate(timeout=PATIENT_S)
         finally:
             if first.poll() is None:
                 first.kill()
@@ -217,7 +217,7 @@ def test_two_runs_of_one_stage_same_or_different_config(tmp_path):
         assert not (out / "_lease.json").exists()
 
         # Once the first is done, the other config may take the directory over.
-        assert_ok(run_cli(*args(server, "sampling.max_tokens=8"), timeout=600))
+        assert_ok(run_cli(*args(server, "sampling.max_tokens=8")))
         assert (
             json.loads((out / "manifest.json").read_text())["config_hash"]
             != (manifest["config_hash"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, assert_ok, run_cli, tensorboard_scalars
+from tests.support import PATIENT_S, REPO, assert_ok, run_cli, tensorboard_scalars
 from tuna_ray import storage
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def teacher(tiny_model_path):
         yield server
 
 
-@pytest.mark.timeout(3600)
+@pytest.mark.timeout(4 * PATIENT_S)
 def test_whole_schedule_on_s3_stops_resumes_evaluates_and_reruns_only_what_changed(
     tmp_path, monkeypatch, s3_server, teacher
 ):
@@ -64,7 +64,7 @@ def test_whole_schedule_on_s3_stops_resumes_evaluates_and_reruns_only_what_chang
         # stops there, like a driver lost half-way. Operational settings: no hash changes.
         "train_p.checkpoint_every=2", "train_p.fail_at_step=3", "scaling.max_failures=0",
     )  # fmt: skip
-    first = run_cli(*args, timeout=1800)
+    first = run_cli(*args, timeout=2 * PATIENT_S)
     assert first.returncode != 0
     keys = s3_server.keys(run_dir)
     assert "rank_probabilistic/manifest.json" in keys, first.stderr[-4000:]
@@ -86,7 +86,7 @@ def test_whole_schedule_on_s3_stops_resumes_evaluates_and_reruns_only_what_chang
     assert 0 < done_before < 16
 
     teacher.reset_stats()
-    second = run_cli(*args, timeout=1800)
+    second = run_cli(*args, timeout=2 * PATIENT_S)
     assert_ok(second)
     assert teacher.stats()["requests"] == 0  # every missing id came from the cache in S3
     # the two stages that ran before (one finished, then its outputs lost; one failed) resumed
@@ -142,7 +142,7 @@ def test_whole_schedule_on_s3_stops_resumes_evaluates_and_reruns_only_what_chang
     attempts = {**dict.fromkeys(STAGES, 1), "rank_probabilistic": 2, "train_p": 2}
     assert _attempts(local) == attempts
 
-    again = run_cli(*args, timeout=900)  # nothing changed: every stage skipped, no server started
+    again = run_cli(*args)  # nothing changed: every stage skipped, no server started
     assert_ok(again)
     assert "starting embedded server" not in again.stderr
     # as they ended, figures kept: a finished run's record is not overwritten by a no-op rerun
@@ -151,7 +151,7 @@ def test_whole_schedule_on_s3_stops_resumes_evaluates_and_reruns_only_what_chang
     assert _attempts(run_dir) == attempts
 
     # A changed stage config re-runs that stage and every stage after it.
-    changed = run_cli(*args, "train_c.optim.learning_rate=2e-4", timeout=1800)
+    changed = run_cli(*args, "train_c.optim.learning_rate=2e-4", timeout=2 * PATIENT_S)
     assert_ok(changed)
     assert _stage_status(changed) == {**dict.fromkeys(STAGES, "ran"), **resumed}
     assert "[5/6] train_c: starting" in changed.stderr and "[6/6] eval: starting" in changed.stderr
@@ -181,17 +181,17 @@ def test_ctrl_c_beside_another_ray_then_ray_job_submit_resumes(tmp_path, teacher
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         parts = run_dir / "rank_probabilistic" / "parts"
-        deadline = time.time() + 600
+        deadline = time.time() + PATIENT_S
         while not (parts.exists() and len(list(parts.glob("*.parquet"))) >= 2):
             assert first.poll() is None, first.communicate()[1][-3000:]
             assert time.time() < deadline, "no part written in time"
             time.sleep(0.5)
         first.send_signal(signal.SIGINT)  # Ctrl-C, once: a swallowed one would let the run go on
         try:
-            _, err = first.communicate(timeout=180)  # Ray's shutdown is slow on a busy machine
+            _, err = first.communicate(timeout=PATIENT_S / 3)  # Ray's shutdown: slow when busy
         except subprocess.TimeoutExpired:
             first.kill()
-            raise AssertionError("the run went on for 180 s after one Ctrl-C") from None
+            raise AssertionError(f"the run went on {PATIENT_S / 3:.0f} s after a Ctrl-C") from None
         teacher.set_faults(0.0)
         assert first.returncode == 130, err[-3000:]
         assert err.rstrip().splitlines()[-1].startswith("tuna-ray run: interrupted: ")
@@ -213,7 +213,7 @@ def test_ctrl_c_beside_another_ray_then_ray_job_submit_resumes(tmp_path, teacher
                 "env_vars": {"RAY_AUTH_MODE": "disabled"},
             },
         )
-        deadline = time.time() + 600
+        deadline = time.time() + PATIENT_S
         while not (status := client.get_job_status(job)).is_terminal():
             assert time.time() < deadline, "job did not finish in time"
             time.sleep(2)
@@ -265,7 +265,7 @@ def _start_head(tmp_path: Path) -> tuple[subprocess.Popen, str]:
     dashboard = f"http://127.0.0.1:{port}"
     from ray.job_submission import JobSubmissionClient
 
-    deadline = time.time() + 180
+    deadline = time.time() + PATIENT_S / 2
     while True:
         assert head.poll() is None, "ray start --head exited"
         try:
@@ -278,7 +278,7 @@ def _start_head(tmp_path: Path) -> tuple[subprocess.Popen, str]:
 
 def _submit(client, **job) -> str:
     """Submit once the head's job agent is up (it starts a little after the dashboard)."""
-    deadline = time.time() + 120
+    deadline = time.time() + PATIENT_S / 3
     while True:
         try:
             return client.submit_job(**job)

@@ -29,7 +29,7 @@ def test_eval_cli_ranking_agreement_contract_and_cached_rerun(
         f"model.name_or_path={tiny_model_path}",
         f"output_dir={out}",
     )
-    assert_ok(run_cli(*args, timeout=600))
+    assert_ok(run_cli(*args))
     results = json.loads((out / "results.json").read_text())
     task = results["tasks"]["alpaca_eval_ranked_64"]
     # The contract: {"tasks": {NAME: {"agreement": float, "pairs": int, "length_baseline": float}}}
@@ -43,7 +43,7 @@ def test_eval_cli_ranking_agreement_contract_and_cached_rerun(
         f"{task['length_baseline']:.3f}, {task['pairs']} pairs"
     )
 
-    again = run_cli(*args, timeout=600)
+    again = run_cli(*args)
     assert_ok(again)
     assert json.loads(again.stdout)["tasks"]["alpaca_eval_ranked_64"]["cached"] is True
     assert "Connecting to existing Ray cluster" not in again.stderr  # nothing to compute

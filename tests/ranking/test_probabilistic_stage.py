@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.support import REPO, SHIPPED, assert_ok, run_cli
+from tests.support import PATIENT_S, REPO, SHIPPED, assert_ok, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -128,7 +128,7 @@ def test_interrupted_run_resumes_with_only_the_missing_ids(tmp_path, tiny_server
             start_new_session=True,
         )
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + PATIENT_S / 2
         while len(list((out / "parts").glob("part-*.parquet"))) < 3:
             why = "no progress before the kill:\n" + log.read_text()[-3000:]
             assert time.time() < deadline and proc.poll() is None, why
@@ -137,7 +137,7 @@ def test_interrupted_run_resumes_with_only_the_missing_ids(tmp_path, tiny_server
         # The driver stops its stage and exits 130; on a busy machine that can take a while
         # (Ray's shutdown), so the wait is long, but a second Ctrl-C is never sent: a swallowed
         # first one would show as a stage that finished (all 24 ids) or as this wait running out.
-        proc.wait(timeout=180)
+        proc.wait(timeout=PATIENT_S / 3)
         assert proc.returncode == 130, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
@@ -392,7 +392,7 @@ def test_bad_instructions_are_named_or_counted(tmp_path, tiny_server):
         '{"id": "a", "instruction": "again"}\nnot json\n'
     )
     out = tmp_path / "out"
-    strict = run_cli(*_args(tiny_server, path, out), timeout=600)
+    strict = run_cli(*_args(tiny_server, path, out))
     assert strict.returncode == 2 and f"{path} line 2" in strict.stderr
     assert_ok(run_cli(*_args(tiny_server, path, out, "input.on_error=skip")))
     report = json.loads((out / "manifest.json").read_text())

@@ -22,7 +22,6 @@ def _rank(data: Path, out: Path, base_url: str = "http://127.0.0.1:9/v1", *extra
         f"engine.base_url={base_url}",
         "engine.model=fixed",
         *extra,
-        timeout=600,
     )
 
 

@@ -18,7 +18,6 @@ def test_bad_record_names_file_line_and_field(tmp_path):
         "jobs/configs/train-tiny-cpu.yaml",
         f"data.path={data}",
         f"run.storage_path={tmp_path}",
-        timeout=600,
     )
     assert proc.returncode == 2
     assert f"{data} line 2, field 'responses'" in proc.stderr
@@ -31,6 +30,5 @@ def test_bad_config_key_is_named(tmp_path):
         "--config",
         "jobs/configs/train-tiny-cpu.yaml",
         "train.learning_rate=1",
-        timeout=600,
     )
     assert proc.returncode == 2 and "train.learning_rate" in proc.stderr

@@ -21,7 +21,6 @@ def _train(tmp_path, data, *extra):
         f"data.path={data}",
         f"run.storage_path={tmp_path / 'runs'}",
         *extra,
-        timeout=600,
     )
 
 
