@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.support import write_jsonl
-from tuna_ray.data import parts
 
 pytestmark = pytest.mark.slow
 ALPACA = "jobs/data/alpaca_data_first200.json"
@@ -66,16 +65,6 @@ def test_teacher_on_vllm_ranks_samples_and_reference_as_transformers_scores_them
     rec = records[0]
     direct = _hf_scores(smollm2_path, rec["prompt"], rec["responses"])
     assert direct == pytest.approx(rec["scores"], abs=2e-3)
-
-    # Resume: a lost part is redone, the rest is not.
-    first_part = min((tmp_path / "rank_p" / "parts").glob("*.parquet"))
-    lost = set(pq.read_table(first_part).column("id").to_pylist())
-    first_part.unlink()
-    (tmp_path / "rank_p" / "manifest.json").unlink()
-    again = run_probabilistic(cfg)
-    assert again["counts"]["done_before"] == 6 - len(lost)
-    assert again["counts"]["ranked"] == 6
-    assert parts.finished_ids(str(tmp_path / "rank_p")) >= lost
 
 
 def test_student_on_vllm_samples_diverse_answers_with_their_logprobs(
