@@ -14,7 +14,9 @@ SHIPPED = REPO / "jobs" / "data"
 # Hang guards, not speed checks (no test asserts a speed): a wait gives up only after this long.
 # Sized for a 2-core machine with two busy loops beside the suite, where stop 18 measured tests
 # 5-20x slower than idle (a vLLM stage test 1737 s against 78 s idle); a run that is merely slow
-# must not fail. A stuck one still fails, with its output, well inside CI's limit.
+# must not fail. A stuck one still fails, with its output, inside CI's limit. Every wait for a
+# run to make progress gets all of it: beside the load, one CLI run took 10 min to log its first
+# line (imports), and starting Ray took minutes more.
 PATIENT_S = 1800
 
 

@@ -265,7 +265,7 @@ def _start_head(tmp_path: Path) -> tuple[subprocess.Popen, str]:
     dashboard = f"http://127.0.0.1:{port}"
     from ray.job_submission import JobSubmissionClient
 
-    deadline = time.time() + PATIENT_S / 2
+    deadline = time.time() + PATIENT_S
     while True:
         assert head.poll() is None, "ray start --head exited"
         try:
@@ -278,7 +278,7 @@ def _start_head(tmp_path: Path) -> tuple[subprocess.Popen, str]:
 
 def _submit(client, **job) -> str:
     """Submit once the head's job agent is up (it starts a little after the dashboard)."""
-    deadline = time.time() + PATIENT_S / 3
+    deadline = time.time() + PATIENT_S
     while True:
         try:
             return client.submit_job(**job)
