@@ -97,6 +97,7 @@ def fake_run(tmp_path: Path) -> tuple[Path, list[dict]]:
         (1000, 0, 0.5),
         {"bad_value": 1},
     )
+    manifest_p["failure_share"] = 0.2  # 1 of the 5 records it was given
 
     sample = run / "sample"
     sample.mkdir()
@@ -160,7 +161,10 @@ def test_report_shows_each_stage_counts_and_totals(fake_run):
     text = Path(path).read_text()
     assert text.startswith(f"# Run report: `{run}`")
     assert "| train_p | train | ran | 12 samples | n/a | 2.0 | n/a | n/a | n/a |" in text
-    assert "| rank_p | rank_probabilistic | ran | 4 ranked | 1 | 2.0 | 1,000 | 0 | 0.5000 |" in text
+    assert (
+        "| rank_p | rank_probabilistic | ran | 4 ranked | 1 (20.0%) | 2.0 | 1,000 | 0 | 0.5000 |"
+        in text
+    )
     assert "| sample | sample | skipped | 7 candidates | 0 | 2.0 | 200 | 3,000 | 0.2500 |" in text
     assert "| rank_c | rank_contextual | ran | 6 ranked | 3 | 2.0 | 5,000 | 800 | 1.2500 |" in text
     assert "| **total** |  |  |  |  | 10.0 | 6,200 | 3,800 | 2.0000 |" in text

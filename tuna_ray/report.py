@@ -179,6 +179,9 @@ def _summary_row(stage: dict) -> list:
     else:
         unit = OUTPUT_NAME.get(kind, "records")
         n, failed = _get(report, "counts", unit), _get(report, "counts", "failed")
+        share = _get(report, "failure_share")  # failed records, "excluded" ones not counted
+        if _is_number(failed) and _is_number(share):
+            failed = f"{_fmt(failed)} ({share:.1%})"
     main = NA if n is None else f"{_fmt(n)} {unit}"
     # Every batch the output holds, whichever run made it; older manifests: this run's.
     usage = _get(report, "usage_total") or _get(report, "usage_this_run")
