@@ -53,11 +53,9 @@ demo: setup
 # Two pytest workers, a test module per worker (--dist loadscope: module fixtures are built once):
 # the suite waits on engine starts and subprocesses often enough that two workers share 2 cores
 # well (34 min against 43 min in one process, measured on 2 cores). TEST_WORKERS=0: one process.
-# --no-loadscope-reorder: modules go out in collection order, which tests/conftest.py makes
-# longest first (xdist's own order, most tests first, left the longest modules for the end).
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 bench: setup
 	$(PY) bench/train_step.py

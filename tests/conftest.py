@@ -106,38 +106,3 @@ def s3_server():
             else:
                 os.environ[k] = v
         server.stop()
-
-
-# The modules that take minutes, longest first (idle 2-core figures from `--durations`). `make
-# test` hands whole modules to two workers in collection order (--dist loadscope
-# --no-loadscope-reorder): started first, the long ones run beside each other and the short
-# ones fill in behind them. xdist's default order (most tests first) started these last, so one
-# worker ran the S3 pipeline alone for minutes at the end while the other sat idle.
-LONGEST_FIRST = (
-    "tests/test_pipeline.py",
-    "tests/train/test_trainer_ray.py",
-    "tests/ranking/test_vllm_stages.py",
-    "tests/ranking/test_probabilistic_stage.py",
-    "tests/eval/test_run.py",
-    "tests/train/test_real_model.py",
-    "tests/ranking/test_contextual_stage.py",
-    "tests/engines/test_vllm_engine.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Modules in LONGEST_FIRST order, then the other modules with slow tests, then the rest;
-    a module's tests stay together and in their order (a stable sort)."""
-
-    def module(item) -> str:
-        return item.path.relative_to(config.rootpath).as_posix()
-
-    slow = {module(item) for item in items if item.get_closest_marker("slow")}
-
-    def rank(item) -> tuple[int, int]:
-        path = module(item)
-        if path in LONGEST_FIRST:
-            return (0, LONGEST_FIRST.index(path))
-        return (1 if path in slow else 2, 0)
-
-    items.sort(key=rank)
