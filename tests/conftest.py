@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,15 @@ os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "tuna-ray" / "torch_extensions")
 )
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ctrl-C tests send SIGINT to a run and expect what a terminal's Ctrl-C does. A suite started in
+# the background (`make test &`: a non-interactive shell's `&`) ignores SIGINT, every child
+# inherits that, and Python then never raises KeyboardInterrupt: the runs went on to the end and
+# both Ctrl-C tests failed (measured). A handler (not SIG_IGN) is reset to the default at exec.
+if (
+    threading.current_thread() is threading.main_thread()
+    and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+):
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
