@@ -50,7 +50,7 @@ def ray_session():
 
     from tuna_ray.ray_setup import ensure_ray
 
-    ensure_ray(min_cpus=4)
+    ensure_ray(min_cpus=4, trains=True)
     yield
     ray.shutdown()
 

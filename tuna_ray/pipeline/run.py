@@ -119,7 +119,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             runlog.started(stage.name)
             # room for the training workers (and, beside them, Ray Data tasks: ensure_ray)
             ensure_ray(
-                cfg.ray_address, min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+                cfg.ray_address,
+                min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker,
+                trains=any(s.kind == "train" for s in stages[i - 1 :]),
             )
             try:
                 with ExitStack() as stack:

@@ -129,7 +129,7 @@ def _run_training(cfg: TrainJobConfig, run_dir: str) -> TrainOutcome:
         records = [{**r, "responses": r["responses"][:1]} for r in records]
     log.info("read %d records from %s (skipped: %s)", len(records), cfg.data.path, read.skipped)
 
-    ensure_ray(cfg.run.ray_address, min_cpus=sc.num_workers * sc.cpus_per_worker)
+    ensure_ray(cfg.run.ray_address, min_cpus=sc.num_workers * sc.cpus_per_worker, trains=True)
     check_resources(
         cpus=sc.num_workers * sc.cpus_per_worker,
         gpus=sc.num_workers if sc.use_gpu else 0,
