@@ -9,9 +9,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.support import assert_ok, run_cli, write_jsonl
+from tests.support import assert_ok, run_here, write_jsonl
 
-pytestmark = pytest.mark.slow
+# Stage runs go through the CLI's code in this process, on the session's Ray (run_here);
+# a run a test stops, or whose workers need this test's environment, gets its own process.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
 
@@ -63,7 +65,7 @@ def test_original_answer_is_ranked_with_the_samples(tmp_path, scripted_judge):
     records[1]["reference"] = records[1]["responses"][0]  # repeats a sample: ranked once
     write_jsonl(data, records)
     out = tmp_path / "out"
-    assert_ok(run_cli(*_args(scripted_judge, data, out)))
+    assert_ok(run_here(*_args(scripted_judge, data, out)))
     ranked = {r["id"]: r for r in pq.read_table(out / "ranked.parquet").to_pylist()}
     for i, rec in enumerate(records):
         got = ranked[rec["id"]]
@@ -77,7 +79,7 @@ def test_scripted_judge_mapping_under_shuffle_duplicates_reference_and_borda(
 ):
     data, records = _candidates(tmp_path, 9)
     out = tmp_path / "out"
-    assert_ok(run_cli(*_args(scripted_judge, data, out, "shuffle=true", "folds=3")))
+    assert_ok(run_here(*_args(scripted_judge, data, out, "shuffle=true", "folds=3")))
     ranked = {r["id"]: r for r in pq.read_table(out / "ranked.parquet").to_pylist()}
     assert sorted(ranked) == sorted(r["id"] for r in records)
     for rec in records:
@@ -110,7 +112,7 @@ def test_faults_lose_nothing_and_rerun_makes_no_request(tmp_path, scripted_judge
     scripted_judge.set_faults(0.2, seed=2, slow_seconds=3.0)
     scripted_judge.reset_stats()
     try:
-        proc = run_cli(
+        proc = run_here(
             *_args(
                 scripted_judge,
                 data,
@@ -136,7 +138,7 @@ def test_faults_lose_nothing_and_rerun_makes_no_request(tmp_path, scripted_judge
     )
     assert all(f["reason"].startswith(("api:", "parse_failed")) for f in failed)
     scripted_judge.reset_stats()
-    assert_ok(run_cli(*_args(scripted_judge, data, out, f"engine.cache_dir={tmp_path / 'cache'}")))
+    assert_ok(run_here(*_args(scripted_judge, data, out, f"engine.cache_dir={tmp_path / 'cache'}")))
     assert scripted_judge.stats()["requests"] == 0
 
 
@@ -147,7 +149,7 @@ def test_real_small_judge_finishes_and_records_every_failure(tmp_path, smollm2_p
     out = tmp_path / "out"
     # The CPU server answers one request at a time: one in flight, a timeout that fits it.
     with start_local_server(str(smollm2_path), served_model_name="judge") as server:
-        proc = run_cli(
+        proc = run_here(
             *_args(
                 server,
                 data,

@@ -15,9 +15,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.support import PATIENT_S, REPO, SHIPPED, assert_ok, run_cli
+from tests.support import PATIENT_S, REPO, SHIPPED, assert_ok, run_cli, run_here
 
-pytestmark = pytest.mark.slow
+# Stage runs go through the CLI's code in this process, on the session's Ray (run_here);
+# a run a test stops, or whose workers need this test's environment, gets its own process.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
 
 def _instructions(tmp_path: Path, n: int, start: int = 0) -> Path:
@@ -62,7 +64,7 @@ def test_faults_of_every_kind_lose_nothing_and_rerun_is_free(tmp_path, tiny_serv
     data = _instructions(tmp_path, 60)
     out = tmp_path / "out"
     try:
-        proc = run_cli(
+        proc = run_here(
             *_args(
                 tiny_server,
                 data,
@@ -95,7 +97,7 @@ def test_faults_of_every_kind_lose_nothing_and_rerun_is_free(tmp_path, tiny_serv
     # The same stage again -- with a new timeout and retry budget, which change how it runs,
     # not what it produces: skipped, nothing re-requested, nothing discarded.
     assert_ok(
-        run_cli(
+        run_here(
             *_args(
                 tiny_server,
                 data,
@@ -148,7 +150,7 @@ def test_interrupted_run_resumes_with_only_the_missing_ids(tmp_path, tiny_server
     done = finished_ids(str(out))
     assert 0 < len(done) < 24 and not (out / "manifest.json").exists()
     tiny_server.reset_stats()
-    assert_ok(run_cli(*args))
+    assert_ok(run_here(*args))
     # One sampling request per instruction not finished before (no cache, drop rule: no resample).
     assert tiny_server.stats()["requests"] == 24 - len(done)
     ended = [r["id"] for r in _ranked(out)] + [f["id"] for f in _failures(out)]
@@ -293,7 +295,7 @@ def test_too_many_failures_stop_the_stage_and_a_rerun_retries_only_them(tmp_path
     # Only the injected 500s may fail: patience for a busy machine (timeout_s is operational).
     args = _args(tiny_server, data, out, "engine.cache_dir=null", "engine.timeout_s=300")
     try:
-        failing = run_cli(*args, "engine.max_retries=0")
+        failing = run_here(*args, "engine.max_retries=0")
     finally:
         tiny_server.set_faults(0.0)
     assert failing.returncode != 0
@@ -308,7 +310,7 @@ def test_too_many_failures_stop_the_stage_and_a_rerun_retries_only_them(tmp_path
     assert len(_ranked(out)) + len(failed) == 24  # what was paid for is kept
 
     tiny_server.reset_stats()
-    assert_ok(run_cli(*args, "engine.max_retries=4"))  # retries are operational: same stage
+    assert_ok(run_here(*args, "engine.max_retries=4"))  # retries are operational: same stage
     assert tiny_server.stats()["requests"] == len(failed)  # only the failed ids, once each
     report = json.loads((out / "manifest.json").read_text())
     assert report["status"] == "ok" and report["config_hash"] and report["failure_share"] == 0
@@ -391,9 +393,9 @@ def test_bad_instructions_are_named_or_counted(tmp_path, tiny_server):
         '{"id": "a", "instruction": "again"}\nnot json\n'
     )
     out = tmp_path / "out"
-    strict = run_cli(*_args(tiny_server, path, out))
+    strict = run_here(*_args(tiny_server, path, out))
     assert strict.returncode == 2 and f"{path} line 2" in strict.stderr
-    assert_ok(run_cli(*_args(tiny_server, path, out, "input.on_error=skip")))
+    assert_ok(run_here(*_args(tiny_server, path, out, "input.on_error=skip")))
     report = json.loads((out / "manifest.json").read_text())
     assert report["input"]["skipped"] == {
         "missing_field": 1,

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import assert_ok, run_cli
+from tests.support import assert_ok, run_cli, run_here
 
 pytestmark = pytest.mark.slow
 
 
-def _rank(data: Path, out: Path, base_url: str = "http://127.0.0.1:9/v1", *extra: str):
-    return run_cli(
+def _rank(data: Path, out: Path, base_url: str = "http://127.0.0.1:9/v1", *extra: str, run=run_cli):
+    return run(
         "rank-probabilistic",
         "--config",
         "jobs/configs/rank-probabilistic-tiny.yaml",
@@ -55,7 +55,7 @@ def test_fully_skipped_input_names_the_counts(tmp_path):
     assert "missing_field" in line and "bad_json" in line
 
 
-def test_a_stage_that_produces_nothing_fails_and_is_not_finished(tmp_path):
+def test_a_stage_that_produces_nothing_fails_and_is_not_finished(tmp_path, ray_session):
     from tuna_ray.serve.local import start_local_server
 
     data = tmp_path / "four.jsonl"
@@ -67,7 +67,7 @@ def test_a_stage_that_produces_nothing_fails_and_is_not_finished(tmp_path):
     # still, a stage with no result is no finished stage.
     args = ("engine.max_retries=0", "engine.cache_dir=null", "max_failure_share=1.0")
     with start_local_server(mode="fixed", fault_rate=1.0, fault_kinds=["500"]) as server:
-        proc = _rank(data, out, server.base_url, *args)
+        proc = _rank(data, out, server.base_url, *args, run=run_here)
         assert proc.returncode == 2
         assert _last_line(proc) == (
             "tuna-ray rank-probabilistic: error: rank_probabilistic: produced no records from 4 "
@@ -76,7 +76,7 @@ def test_a_stage_that_produces_nothing_fails_and_is_not_finished(tmp_path):
         assert len((out / "failures.jsonl").read_text().splitlines()) == 4
         assert not (out / "manifest.json").exists()  # not finished: a rerun tries again
         server.set_faults(0.0)
-        assert_ok(_rank(data, out, server.base_url, *args))
+        assert_ok(_rank(data, out, server.base_url, *args, run=run_here))
     assert json.loads((out / "manifest.json").read_text())["counts"]["ranked"] == 4
 
 

@@ -8,16 +8,16 @@ from statistics import mean
 import pyarrow.parquet as pq
 import pytest
 
-from tests.support import assert_ok, run_cli
+from tests.support import assert_ok, run_here
 from tuna_ray.ranking.diversity import pairwise_rouge_l
 
 pytestmark = pytest.mark.slow
 
 
-def test_diversity_rule_is_applied_and_recorded(tmp_path, smollm2_path):
+def test_diversity_rule_is_applied_and_recorded(tmp_path, smollm2_path, ray_session):
     out = tmp_path / "out"
     # A low threshold makes most instructions resample, so the trial logic really runs.
-    proc = run_cli(
+    proc = run_here(
         "sample",
         "--config",
         "jobs/configs/sample-smollm2-cpu.yaml",
