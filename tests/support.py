@@ -89,11 +89,11 @@ def run_here(*args: str) -> subprocess.CompletedProcess:
     import logging
     import traceback
 
-    from tuna_ray.cli import main
+    from tuna_ray.cli import LOG_FORMAT, main
 
     out, err = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(err)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     level = root.level
     root.addHandler(handler)

@@ -24,6 +24,8 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 
 def _train(cfg) -> dict:
     from tuna_ray.train.trainer import run_training
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
     )
     if args.command == "serve":
         from tuna_ray.serve import server
