@@ -190,6 +190,27 @@ def test_helpers_round_trip_on_s3(s3_server):
     assert s3_server.keys(root) == ["a/m.json"]
 
 
+def test_a_changed_training_config_starts_its_run_over_on_s3(s3_server):
+    """What a pipeline rerun with a changed train_p/train_c section does to that stage's run
+    directory in the bucket (the pipeline's train stages use ``on_config_change: restart``):
+    the same config finds the finished run, a changed one empties the folder but for the lease
+    the rerun holds, and ``error`` refuses, naming the folder."""
+    from tuna_ray.train.trainer import _check_run_dir
+
+    run_dir = s3_server.new_bucket() + "/runs/tiny/train_c"
+    storage.write_text(storage.join(run_dir, "train_config_hash.txt"), "old\n")
+    storage.write_json(storage.join(run_dir, "train_report.json"), {"total_steps": 3})
+    for key in ("hf_model/model.safetensors", "checkpoint_step0000002/ckpt/x.pt", "_lease.json"):
+        storage.write_text(storage.join(run_dir, key), "x")
+
+    assert _check_run_dir(run_dir, "old", "restart") == {"total_steps": 3}
+    with pytest.raises(ValueError, match=f"^{run_dir} holds a run with a different training"):
+        _check_run_dir(run_dir, "new", "error")
+    assert len(s3_server.keys(run_dir)) == 5  # refused: nothing removed
+    assert _check_run_dir(run_dir, "new", "restart") is None
+    assert s3_server.keys(run_dir) == ["_lease.json"]
+
+
 def test_unreachable_bucket_is_a_named_error(s3_server):
     missing = "s3://no-such-bucket-here/run"
     with pytest.raises(storage.StorageError, match="^cannot write to s3://no-such-bucket-here/run"):
