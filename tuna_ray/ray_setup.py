@@ -25,6 +25,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# A busy machine can make a local Ray's start time out: Ray waits 30 s (not configurable) for
+# its raylet to register with its GCS, and under load (measured: two busy loops beside a
+# training on 2 cores) the first answer took 75 s. The start is then made again.
+LOCAL_STARTS = 3
+_START_TIMED_OUT = "timed out during startup"  # Ray's message (a bare Exception)
+
+
 def start_local_ray(num_cpus: int, *, dashboard: bool = False) -> str:
     """Start a private local Ray with ``num_cpus`` logical CPUs; return its GCS address.
 
@@ -33,11 +40,34 @@ def start_local_ray(num_cpus: int, *, dashboard: bool = False) -> str:
     seconds), so a run that trains needs it; generation and ranking do not. It costs about ten
     extra Python processes and a third more CPU per start (16.5 against 12.1 CPU-s for a start,
     one task and a shutdown, measured on 2 cores).
+
+    A start that times out (a busy machine) is made again, up to ``LOCAL_STARTS`` times in all,
+    after the processes it left are stopped; any other failure is raised as it is.
     """
     import ray
 
     # A private, driver-owned local Ray on this machine: no token to hand around.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    for attempt in range(1, LOCAL_STARTS + 1):
+        before = _descendants()
+        try:
+            return _start_once(ray, num_cpus, dashboard)
+        except Exception as exc:
+            if _START_TIMED_OUT not in str(exc) or attempt == LOCAL_STARTS:
+                raise
+            left = _stop_new_ray_processes(before)
+            log.warning(
+                "the local Ray did not start in time (a busy machine?): %s Stopped the %d "
+                "process(es) it left; starting it again (%d/%d).",
+                exc,
+                left,
+                attempt + 1,
+                LOCAL_STARTS,
+            )
+    raise AssertionError("unreachable")
+
+
+def _start_once(ray, num_cpus: int, dashboard: bool) -> str:
     port = int(os.environ.get("RAY_GCS_SERVER_PORT") or _free_port())
     address = f"127.0.0.1:{port}"
     log.info(
@@ -65,6 +95,33 @@ def start_local_ray(num_cpus: int, *, dashboard: bool = False) -> str:
         else:
             os.environ["RAY_GCS_SERVER_PORT"] = previous
     return address
+
+
+def _descendants() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _stop_new_ray_processes(before: set[int]) -> int:
+    """Kill this process's descendants that a failed start left (its GCS, raylet, log monitor,
+    reaper...): those not there before it whose command line names Ray. Return how many."""
+    import psutil
+
+    new = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.pid not in before and "ray" in " ".join(proc.cmdline()):
+                new.append(proc)
+        except psutil.Error:  # ended meanwhile
+            continue
+    for proc in new:
+        try:
+            proc.kill()  # SIGKILL: also ends a stopped process
+        except psutil.Error:
+            pass
+    psutil.wait_procs(new, timeout=10)
+    return len(new)
 
 
 def quiet_ray_data() -> None:
