@@ -10,12 +10,17 @@ import pytest
 from tuna_ray.config import load_config
 from tuna_ray.pipeline.stages import PipelineConfig, plan
 
-CONFIG = "jobs/configs/tiny-cpu.yaml"
+# The tests' config and the shipped 7B configs (vLLM engines, judge endpoint, s3:// run_dir).
+CONFIGS = [
+    "jobs/configs/tiny-cpu.yaml",
+    "jobs/configs/llama-7b-8gpu.yaml",
+    "jobs/configs/llama-7b-2x8gpu.yaml",
+]
 STAGES = ["rank_probabilistic", "train_p", "sample", "rank_contextual", "train_c", "eval"]
 
 
-def _digests(*overrides: str) -> dict[str, str]:
-    return {s.name: s.digest for s in plan(load_config(CONFIG, list(overrides), PipelineConfig))}
+def _digests(config: str, *overrides: str) -> dict[str, str]:
+    return {s.name: s.digest for s in plan(load_config(config, list(overrides), PipelineConfig))}
 
 
 @pytest.mark.parametrize(
@@ -31,8 +36,9 @@ def _digests(*overrides: str) -> dict[str, str]:
         ("eval.bootstrap.resamples=300", "eval"),
     ],
 )
-def test_a_changed_section_changes_its_stage_and_every_later_one(override, first_changed):
-    before, after = _digests(), _digests(override)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_a_changed_section_changes_its_stage_and_every_later_one(config, override, first_changed):
+    before, after = _digests(config), _digests(config, override)
     assert list(before) == STAGES
     changed = [name for name in STAGES if after[name] != before[name]]
     assert changed == STAGES[STAGES.index(first_changed) :]
@@ -49,5 +55,6 @@ def test_a_changed_section_changes_its_stage_and_every_later_one(override, first
         "eval.scaling.batch_size=4",
     ],
 )
-def test_an_operational_setting_changes_no_digest(override):
-    assert _digests(override) == _digests()
+@pytest.mark.parametrize("config", CONFIGS)
+def test_an_operational_setting_changes_no_digest(config, override):
+    assert _digests(config, override) == _digests(config)
