@@ -49,7 +49,7 @@ def test_whole_schedule_on_s3_stops_resumes_evaluates_and_reruns_only_what_chang
     loopback). The run dies in train_p, its node's caches and half of the teacher's results
     are lost; the rerun finishes every stage from the bucket, pays the teacher nothing,
     evaluates, and puts the evaluation at the top of the report. A no-op rerun changes nothing;
-    a changed train_c re-runs train_c and the evaluation only."""
+    a changed evaluation re-runs the evaluation only, from the answers it already has."""
     from transformers import AutoModelForCausalLM
 
     from tuna_ray.data.parts import finished_ids
@@ -150,12 +150,22 @@ def test_whole_schedule_on_s3_stops_resumes_evaluates_and_reruns_only_what_chang
     assert storage.read_text(storage.join(run_dir, "report.md")) == report
     assert _attempts(run_dir) == attempts
 
-    # A changed stage config re-runs that stage and every stage after it.
-    changed = run_cli(*args, "train_c.optim.learning_rate=2e-4", timeout=2 * PATIENT_S)
+    # A changed stage config re-runs that stage (here the last, the cheapest to re-run) and
+    # every stage after it; the evaluation reuses the answers and verdicts it already has: only
+    # its statistics change, not the estimates.
+    changed = run_cli(*args, "eval.bootstrap.resamples=300", timeout=2 * PATIENT_S)
     assert_ok(changed)
     assert _stage_status(changed) == {**dict.fromkeys(STAGES, "ran"), **resumed}
-    assert "[5/6] train_c: starting" in changed.stderr and "[6/6] eval: starting" in changed.stderr
-    assert "[4/6] rank_contextual: finished before, skipped" in changed.stderr
+    assert "[5/6] train_c: finished before, skipped" in changed.stderr
+    assert "[6/6] eval: starting" in changed.stderr
+    assert "finished with this digest, skipping" in changed.stderr  # its Ray Data stages
+    assert "discarding the previous results" not in changed.stderr
+    assert _attempts(run_dir) == attempts  # eval's record starts over: one new attempt
+    rerun = storage.read_json(storage.join(run_dir, "eval", "results.json"))
+    assert set(rerun["models"]) == set(results["models"])
+    for label, model in results["models"].items():
+        for task, result in model["tasks"].items():
+            assert rerun["models"][label]["tasks"][task]["value"] == result["value"], (label, task)
 
 
 def test_ctrl_c_beside_another_ray_then_ray_job_submit_resumes(tmp_path, teacher):
