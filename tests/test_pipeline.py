@@ -252,7 +252,20 @@ def _start_head(tmp_path: Path) -> tuple[subprocess.Popen, str]:
     jobs are submitted to), in its own session: stopping it kills its processes only -- `ray
     stop` would kill every Ray on the machine, the test session's own too. Its session files
     go where Ray's go by default (/tmp/ray), as on a user's machine: Ray's processes on it that
-    look for "the" cluster find it there."""
+    look for "the" cluster find it there.
+
+    On a busy machine `ray start` can give up on its own raylet (a fixed 30 s wait) and exit;
+    as a user would, the test starts it again (new ports, the leftovers killed), 3 starts in
+    all, and a last failure shows `ray start`'s own output."""
+    for attempt in range(1, 4):
+        log = tmp_path / f"ray-start-head-{attempt}.log"
+        head, dashboard = _start_head_once(log)
+        if head is not None:
+            return head, dashboard
+    pytest.fail(f"ray start --head exited 3 times; the last output:\n{log.read_text()[-3000:]}")
+
+
+def _start_head_once(log: Path) -> tuple[subprocess.Popen | None, str]:
     from tuna_ray.ray_setup import _free_port
 
     venv_bin = Path(sys.executable).parent  # as with an activated venv: `python` is ours
@@ -263,21 +276,24 @@ def _start_head(tmp_path: Path) -> tuple[subprocess.Popen, str]:
     }
     env.pop("RAY_ADDRESS", None)
     port = _free_port()
-    head = subprocess.Popen(
-        [str(venv_bin / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={_free_port()}", "--num-cpus=4", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", "--disable-usage-stats",
-         # Its job agent's HTTP port: the default (52365) is taken by the test session's own
-         # Ray, and a head whose agent cannot bind it answers "No available agent" forever.
-         f"--dashboard-agent-listen-port={_free_port()}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    with log.open("wb") as out:
+        head = subprocess.Popen(
+            [str(venv_bin / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+             f"--port={_free_port()}", "--num-cpus=4", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", "--disable-usage-stats",
+             # Its job agent's HTTP port: the default (52365) is taken by the test session's
+             # own Ray, and a head whose agent cannot bind it answers "No available agent".
+             f"--dashboard-agent-listen-port={_free_port()}"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
     dashboard = f"http://127.0.0.1:{port}"
     from ray.job_submission import JobSubmissionClient
 
     deadline = time.time() + PATIENT_S
     while True:
-        assert head.poll() is None, "ray start --head exited"
+        if head.poll() is not None:  # gave up during startup: kill what it left, start again
+            _stop_head(head)
+            return None, dashboard
         try:
             JobSubmissionClient(dashboard).list_jobs()
             return head, dashboard
@@ -299,5 +315,8 @@ def _submit(client, **job) -> str:
 
 
 def _stop_head(head: subprocess.Popen) -> None:
-    os.killpg(head.pid, signal.SIGKILL)
+    try:
+        os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:  # its whole session has already exited
+        pass
     head.wait(timeout=30)
