@@ -286,10 +286,16 @@ def accumulation_run(tmp_path_factory, ray_session, tiny_model_path, ranked_24):
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_accumulation_adds_up(accumulation_run, tiny_model_path, zero_stage):
     """Micro-batch 2 x accumulation 2 is the same step as micro-batch 4 x accumulation 1 (under
-    ZeRO-2, the reference for both stages): loss, grad norm and weight updates agree within
-    1e-4 (ZeRO-3 would keep only the last micro-batch's gradient if the loss bypassed
-    DeepSpeedEngine.forward). Two workers, as the shipped 7B configs (ZeRO-3, accumulation 4,
-    8-16 workers): the gradients are averaged across ranks as well as across micro-batches."""
+    ZeRO-2, the reference for both stages): loss and grad norm agree within 1e-4, the weight
+    updates after two Adam steps within 1e-3 (ZeRO-3 would keep only the last micro-batch's
+    gradient if the loss bypassed DeepSpeedEngine.forward: an error of order 1). Two workers, as
+    the shipped 7B configs (ZeRO-3, accumulation 4, 8-16 workers): the gradients are averaged
+    across ranks as well as across micro-batches.
+
+    Why 1e-3 on weights: Adam divides each gradient by its own running size, so an element whose
+    gradient is near zero turns the rounding of the two summation orders into a visible step.
+    Measured (the 2026-12 install): one element of layers.1's gate_proj (8192) stepped 5.53e-4
+    against 5.40e-4, every other element within 1e-8: relative error 1.09e-4 over the tensor."""
     import ray.data
 
     workers = 2
@@ -308,6 +314,6 @@ def test_accumulation_adds_up(accumulation_run, tiny_model_path, zero_stage):
     for name, w0 in initial.items():
         update = w_whole[name] - w0
         assert update.abs().max() > 0, name
-        assert _relative_error(w_acc[name] - w0, update) <= 1e-4, name
+        assert _relative_error(w_acc[name] - w0, update) <= 1e-3, name
     # The trainer orders its own datasets; the driver-wide Ray Data context stays untouched.
     assert ray.data.DataContext.get_current().execution_options.preserve_order is False
