@@ -254,9 +254,12 @@ def _start_head(tmp_path: Path) -> tuple[subprocess.Popen, str]:
     go where Ray's go by default (/tmp/ray), as on a user's machine: Ray's processes on it that
     look for "the" cluster find it there.
 
-    On a busy machine `ray start` can give up on its own raylet (a fixed 30 s wait) and exit;
-    as a user would, the test starts it again (new ports, the leftovers killed), 3 starts in
-    all, and a last failure shows `ray start`'s own output."""
+    On a busy machine `ray start` can give up on one of its processes and exit (its raylet: a
+    fixed 30 s wait; its Ray Client server: "Timed out waiting for node info", measured beside
+    two busy loops); as a user would, the test starts it again (new ports, the leftovers
+    killed), 3 starts in all, and a last failure shows `ray start`'s own output. A start counts
+    once `ray start` watches its processes, its dashboard and Ray Client server answer, and
+    none has died."""
     for attempt in range(1, 4):
         log = tmp_path / f"ray-start-head-{attempt}.log"
         head, dashboard = _start_head_once(log)
@@ -275,7 +278,7 @@ def _start_head_once(log: Path) -> tuple[subprocess.Popen | None, str]:
         "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     env.pop("RAY_ADDRESS", None)
-    port = _free_port()
+    port, client_port = _free_port(), _free_port()
     with log.open("wb") as out:
         head = subprocess.Popen(
             [str(venv_bin / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
@@ -283,23 +286,46 @@ def _start_head_once(log: Path) -> tuple[subprocess.Popen | None, str]:
              "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", "--disable-usage-stats",
              # Its job agent's HTTP port: the default (52365) is taken by the test session's
              # own Ray, and a head whose agent cannot bind it answers "No available agent".
-             f"--dashboard-agent-listen-port={_free_port()}"],
+             f"--dashboard-agent-listen-port={_free_port()}",
+             # It listens once it has found its node (a wait that times out when busy).
+             f"--ray-client-server-port={client_port}"],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     dashboard = f"http://127.0.0.1:{port}"
+    deadline = time.time() + PATIENT_S
+    while head.poll() is None:
+        if _head_up(log, dashboard, client_port):
+            time.sleep(3)  # its first checks of its processes (one a second)
+            if head.poll() is None:
+                return head, dashboard
+            break
+        assert time.time() < deadline, "the head's dashboard did not come up"
+        time.sleep(2)
+    _stop_head(head)  # it gave up during startup: kill what it left; start again
+    return None, dashboard
+
+
+def _head_up(log: Path, dashboard: str, client_port: int) -> bool:
+    """`ray start` watches its processes now, its dashboard answers and its Ray Client server
+    listens (on the node's address, whichever that is)."""
     from ray.job_submission import JobSubmissionClient
 
-    deadline = time.time() + PATIENT_S
-    while True:
-        if head.poll() is not None:  # gave up during startup: kill what it left, start again
-            _stop_head(head)
-            return None, dashboard
-        try:
-            JobSubmissionClient(dashboard).list_jobs()
-            return head, dashboard
-        except Exception:  # noqa: BLE001 -- not up yet
-            assert time.time() < deadline, "the head's dashboard did not come up"
-            time.sleep(2)
+    if "will now block forever" not in log.read_text():
+        return False
+    try:
+        JobSubmissionClient(dashboard).list_jobs()
+    except Exception:  # noqa: BLE001 -- not up yet
+        return False
+    return _listening(client_port)
+
+
+def _listening(port: int) -> bool:
+    import psutil
+
+    return any(
+        c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
+        for c in psutil.net_connections(kind="tcp")
+    )
 
 
 def _submit(client, **job) -> str:
