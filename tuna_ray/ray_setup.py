@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 log = logging.getLogger(__name__)
 # A local run is a CPU run: DeepSpeed need not probe for accelerators (and warn on every rank).
@@ -27,8 +28,11 @@ def _free_port() -> int:
 
 # A busy machine can make a local Ray's start time out: Ray waits 30 s (not configurable) for
 # its raylet to register with its GCS, and under load (measured: two busy loops beside a
-# training on 2 cores) the first answer took 75 s. The start is then made again.
-LOCAL_STARTS = 3
+# training on 2 cores) the first answer took 75 s. The start is then made again, after a pause
+# that grows (10, 20, 30, 40 s: a burst of load can pass); three starts were not enough once,
+# 6 minutes beside two busy loops and a whole-pipeline run.
+LOCAL_STARTS = 5
+RESTART_PAUSE_S = 10
 _START_TIMED_OUT = "timed out during startup"  # Ray's message (a bare Exception)
 
 
@@ -46,7 +50,8 @@ def start_local_ray(num_cpus: int, *, dashboard: bool = False) -> str:
     little CPU that a 6-step tiny training did not reach step 2 in 9 minutes.
 
     A start that times out (a busy machine) is made again, up to ``LOCAL_STARTS`` times in all,
-    after the processes it left are stopped; any other failure is raised as it is.
+    after the processes it left are stopped and a growing pause; any other failure is raised
+    as it is.
     """
     import ray
 
@@ -62,12 +67,14 @@ def start_local_ray(num_cpus: int, *, dashboard: bool = False) -> str:
             left = _stop_new_ray_processes(before)
             log.warning(
                 "the local Ray did not start in time (a busy machine?): %s Stopped the %d "
-                "process(es) it left; starting it again (%d/%d).",
+                "process(es) it left; starting it again in %d s (%d/%d).",
                 exc,
                 left,
+                RESTART_PAUSE_S * attempt,
                 attempt + 1,
                 LOCAL_STARTS,
             )
+            time.sleep(RESTART_PAUSE_S * attempt)
     return _start_once(ray, num_cpus, dashboard)  # the last start: its failure is raised
 
 
