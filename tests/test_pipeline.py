@@ -257,15 +257,22 @@ def _start_head(tmp_path: Path) -> tuple[subprocess.Popen, str]:
     On a busy machine `ray start` can give up on one of its processes and exit (its raylet: a
     fixed 30 s wait; its Ray Client server: "Timed out waiting for node info", measured beside
     two busy loops); as a user would, the test starts it again (new ports, the leftovers
-    killed), 3 starts in all, and a last failure shows `ray start`'s own output. A start counts
-    once `ray start` watches its processes, its dashboard and Ray Client server answer, and
-    none has died."""
-    for attempt in range(1, 4):
+    killed), with the pauses and number of starts of our own local Ray (ray_setup), and a last
+    failure shows `ray start`'s own output. A start counts once `ray start` watches its
+    processes, its dashboard and Ray Client server answer, and none has died."""
+    from tuna_ray.ray_setup import LOCAL_STARTS, RESTART_PAUSE_S
+
+    for attempt in range(1, LOCAL_STARTS + 1):
         log = tmp_path / f"ray-start-head-{attempt}.log"
         head, dashboard = _start_head_once(log)
         if head is not None:
             return head, dashboard
-    pytest.fail(f"ray start --head exited 3 times; the last output:\n{log.read_text()[-3000:]}")
+        if attempt < LOCAL_STARTS:
+            time.sleep(RESTART_PAUSE_S * attempt)
+    pytest.fail(
+        f"ray start --head exited {LOCAL_STARTS} times; the last output:\n"
+        + log.read_text()[-3000:]
+    )
 
 
 def _start_head_once(log: Path) -> tuple[subprocess.Popen | None, str]:
