@@ -29,8 +29,8 @@ def _free_port() -> int:
 # A busy machine can make a local Ray's start time out: Ray waits 30 s (not configurable) for
 # its raylet to register with its GCS, and under load (measured: two busy loops beside a
 # training on 2 cores) the first answer took 75 s. The start is then made again, after a pause
-# that grows (10, 20, 30, 40 s: a burst of load can pass); three starts were not enough once,
-# 6 minutes beside two busy loops and a whole-pipeline run.
+# that grows (10, 20, 30, 40 s: a burst of load can pass): three back-to-back starts all
+# timed out once (3 minutes beside two busy loops and a ZeRO training).
 LOCAL_STARTS = 5
 RESTART_PAUSE_S = 10
 _START_TIMED_OUT = "timed out during startup"  # Ray's message (a bare Exception)
