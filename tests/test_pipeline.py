@@ -306,7 +306,7 @@ def _start_head_once(log: Path) -> tuple[subprocess.Popen | None, str]:
             if head.poll() is None:
                 return head, dashboard
             break
-        assert time.time() < deadline, "the head's dashboard did not come up"
+        assert time.time() < deadline, f"the head did not come up; its output: {log}"
         time.sleep(2)
     _stop_head(head)  # it gave up during startup: kill what it left; start again
     return None, dashboard
