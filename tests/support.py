@@ -62,9 +62,10 @@ def synthetic_ranked(n: int, candidates: int = 3, seed: int = 0) -> list[dict]:
 
 
 def run_cli(
-    *args: str, timeout: float = PATIENT_S, cwd: Path | None = None
+    *args: str, timeout: float = PATIENT_S, cwd: Path | None = None, path: str | None = None
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m tuna_ray ARGS`` in a fresh process (a fresh local Ray each time)."""
+    """Run ``python -m tuna_ray ARGS`` in a fresh process (a fresh local Ray each time), with
+    ``path`` as its PATH if given."""
     return subprocess.run(
         [sys.executable, "-m", "tuna_ray", *args],
         check=False,
@@ -72,8 +73,21 @@ def run_cli(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **({"PATH": path} if path else {})},
     )
+
+
+def foreign_ninja_first(folder: Path) -> tuple[str, Path]:
+    """A PATH whose first ``ninja`` is not this environment's (as a system ninja 1.11 is beside
+    the venv's 1.13), and the file that ninja writes each call into: a tripwire that fails
+    every build it is asked to run. Returns (PATH, calls file)."""
+    calls = folder / "foreign-ninja-calls.txt"
+    bin_dir = folder / "foreign-bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    ninja = bin_dir / "ninja"
+    ninja.write_text(f'#!/bin/sh\necho "ninja $*" >> "{calls}"\nexit 1\n')
+    ninja.chmod(0o755)
+    return os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]), calls
 
 
 def run_here(*args: str) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support import assert_ok, run_cli, synthetic_ranked, write_jsonl
+from tests.support import assert_ok, foreign_ninja_first, run_cli, synthetic_ranked, write_jsonl
 from tuna_ray.config import TrainJobConfig, load_config
 
 pytestmark = pytest.mark.slow
@@ -228,7 +228,10 @@ def test_rerun_after_driver_stops_resumes_exactly(
     tmp_path, uninterrupted, dropout_model, ranked_24
 ):
     """ZeRO-3, the user's path: the driver gives up at step 3 (no retries), a rerun of the same
-    command resumes from checkpoint 2 and ends where an uninterrupted run ends."""
+    command resumes from checkpoint 2 and ends where an uninterrupted run ends. On a PATH whose
+    first ninja is a foreign one (a system ninja): DeepSpeed's CPU op is loaded with the
+    environment's, never that one (which would compile it again)."""
+    path, ninja_calls = foreign_ninja_first(tmp_path)
     args = _overrides(
         tmp_path,
         dropout_model,
@@ -239,13 +242,15 @@ def test_rerun_after_driver_stops_resumes_exactly(
         "train.fail_at_step=3",
         "scaling.max_failures=0",
     )
-    first = run_cli("train", "--config", CONFIG, *args)
+    first = run_cli("train", "--config", CONFIG, *args, path=path)
     assert first.returncode != 0  # no retries allowed: the driver gives up
+    assert "ninja" not in first.stderr.lower() and not ninja_calls.exists(), first.stderr[-3000:]
     run_dir = tmp_path / "runs" / "run"
     assert (run_dir / "checkpoint_step0000002").is_dir()
     assert not (run_dir / "train_report.json").exists()
 
-    assert_ok(run_cli("train", "--config", CONFIG, *args))  # same name, same storage
+    assert_ok(run_cli("train", "--config", CONFIG, *args, path=path))  # same name and storage
+    assert not ninja_calls.exists(), ninja_calls.read_text()
     segments = _consumed(run_dir)
     assert sorted({s["attempt"]: s["resumed_from_step"] for s in segments}.values()) == [0, 2]
     assert sorted(_steps_to_ids(segments)) == [1, 2, 3, 4, 5, 6]

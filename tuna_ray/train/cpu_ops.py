@@ -5,6 +5,9 @@ On CPU, DeepSpeed's communication backend compiles its shared-memory all-reduce 
 19 minutes on the same machine beside other work (a fresh clone's test suite under two busy
 loops) -- inside the first training's start, where it looks like a hang. ``make setup`` runs
 this module once; the op lands in ``TORCH_EXTENSIONS_DIR`` and every later run loads it.
+
+Every process that builds or loads the op runs the same ``ninja``: the one this Python
+environment installs (:func:`use_the_environments_ninja`).
 """
 
 from __future__ import annotations
@@ -17,9 +20,28 @@ def extensions_dir() -> str:
     return os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")
 
 
+def use_the_environments_ninja() -> None:
+    """Put the ``ninja`` of this Python environment (the ``ninja`` package, which DeepSpeed
+    requires) first on this process's PATH, for torch's op builds here and in its children.
+
+    torch runs whichever ``ninja`` PATH finds first, and ninja versions record a build's command
+    differently: what a system ninja (1.11) built, the environment's (1.13) builds again, and
+    back. Measured: the op was compiled twice within one ``make test`` (20-130 s each), by
+    processes with and without the venv's ``bin`` on PATH (an activated venv, the test's own
+    ``ray start``), and every training in such a process waited for it."""
+    try:
+        import ninja
+    except ImportError:  # torch then finds none, or the one on PATH
+        return
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != ninja.BIN_DIR:
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path]) if path else ninja.BIN_DIR
+
+
 def build_cpu_ops() -> list[str]:
     """Compile (or load, when already compiled) the CPU ops a training run uses; their names."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    use_the_environments_ninja()
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from tuna_ray import storage
 from tuna_ray.config import TrainJobConfig
 from tuna_ray.progress import duration
-from tuna_ray.train.cpu_ops import extensions_dir
+from tuna_ray.train.cpu_ops import extensions_dir, use_the_environments_ninja
 
 MAX = dist.ReduceOp.MAX
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from tuna_ray.train.packing import pack_ranked
 
     _quiet_worker()
+    use_the_environments_ninja()  # DeepSpeed loads (or builds) its CPU op with it
     cfg = TrainJobConfig.model_validate(loop_config["job"])
     tc = cfg.train
     total_steps: int = loop_config["total_steps"]
