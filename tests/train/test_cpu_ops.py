@@ -23,7 +23,7 @@ def test_cpu_op_is_built_where_training_loads_it():
 def test_the_op_is_built_and_loaded_with_the_environments_ninja(tmp_path):
     """With another ninja first on PATH (a system one), the op is still built and loaded with
     the environment's: ninja versions record commands differently, and each would compile again
-    what the other built (measured: twice in one suite, 20-130 s each)."""
+    what the other built (measured: twice in one suite, 19-135 s a build)."""
     import ninja
 
     path, calls = foreign_ninja_first(tmp_path)

@@ -244,7 +244,7 @@ def test_rerun_after_driver_stops_resumes_exactly(
     )
     first = run_cli("train", "--config", CONFIG, *args, path=path)
     assert first.returncode != 0  # no retries allowed: the driver gives up
-    assert "ninja" not in first.stderr.lower() and not ninja_calls.exists(), first.stderr[-3000:]
+    assert not ninja_calls.exists(), first.stderr[-3000:]
     run_dir = tmp_path / "runs" / "run"
     assert (run_dir / "checkpoint_step0000002").is_dir()
     assert not (run_dir / "train_report.json").exists()

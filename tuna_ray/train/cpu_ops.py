@@ -26,9 +26,10 @@ def use_the_environments_ninja() -> None:
 
     torch runs whichever ``ninja`` PATH finds first, and ninja versions record a build's command
     differently: what a system ninja (1.11) built, the environment's (1.13) builds again, and
-    back. Measured: the op was compiled twice within one ``make test`` (20-130 s each), by
-    processes with and without the venv's ``bin`` on PATH (an activated venv, the test's own
-    ``ray start``), and every training in such a process waited for it."""
+    back. Measured: the op was compiled twice within one ``make test`` and 12 times in a day
+    on one machine (19-135 s a build), by processes with and without the venv's ``bin`` on
+    PATH (an activated venv, the test's own ``ray start``); every training there waited for it.
+    """
     try:
         import ninja
     except ImportError:  # torch then finds none, or the one on PATH
