@@ -1,6 +1,6 @@
 # tuna-ray: everything a fresh machine needs, from the project's own files.
 #   make demo   -- the main job on this machine (local Ray, the real small model, CPU)
-#   make test   -- the test suite (real Ray, DeepSpeed, vLLM CPU build, S3, models; ~18 min on 2 cores)
+#   make test   -- the test suite (real Ray, DeepSpeed, vLLM CPU build, S3, models; 17-21 min on 2 cores)
 .PHONY: setup demo test bench bench-generation lint clean
 
 VENV ?= .venv
